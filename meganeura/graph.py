@@ -1,0 +1,360 @@
+"""The tensor IR: an append-only graph of typed nodes, and the one table that says what every op is.
+
+A node is ``(op, inputs, attrs, shape, dtype)``. Shapes hold ints and the symbol ``"S"``, the token
+count, so one graph serves every prompt length. Each op has exactly one row in ``OPS``: its shape/dtype
+rule, its meaning (a numpy function in ``reference.py``) and the kernel archetype that runs it on a GPU.
+Shape errors are raised while the graph is built, naming the op, the shapes and the builder's caller.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import reference as R
+
+S = "S"                       # the symbolic token dimension
+Dim = int | str
+Shape = tuple[Dim, ...]
+FLOAT_DTYPES = ("f32", "f16", "bf16")
+INT_DTYPES = ("i32", "u32")
+
+
+class ShapeError(ValueError):
+    """A node was built from inputs whose shapes or dtypes its op does not accept."""
+
+
+@dataclass(frozen=True)
+class Node:
+    op: str
+    inputs: tuple[int, ...]
+    attrs: dict[str, Any]
+    shape: Shape
+    dtype: str
+
+
+# ---------------------------------------------------------------- shape rules
+# Each rule gets the input nodes and the attrs and returns (shape, dtype), or raises ShapeError.
+
+def _fail(msg: str):
+    raise ShapeError(msg)
+
+
+def _same_dim(a: Dim, b: Dim) -> bool:
+    return a == b
+
+
+def _broadcast(a: Shape, b: Shape) -> Shape:
+    out = []
+    for i in range(max(len(a), len(b))):
+        da = a[len(a) - 1 - i] if i < len(a) else 1
+        db = b[len(b) - 1 - i] if i < len(b) else 1
+        if da == db or db == 1:
+            out.append(da)
+        elif da == 1:
+            out.append(db)
+        else:
+            _fail(f"cannot broadcast {a} with {b}")
+    return tuple(reversed(out))
+
+
+def _numel(shape: Shape) -> tuple[int, int]:
+    """(product of the concrete dims, how many times S appears)."""
+    n, syms = 1, 0
+    for d in shape:
+        if isinstance(d, str):
+            syms += 1
+        else:
+            n *= d
+    return n, syms
+
+
+def _float(node: Node, what: str):
+    if node.dtype not in FLOAT_DTYPES:
+        _fail(f"{what} must be a float tensor, got {node.dtype}")
+
+
+def _leaf(ins, a):
+    return tuple(a["shape"]), a["dtype"]
+
+
+def _elementwise(ins, a):
+    for n in ins:
+        _float(n, "operand")
+    shape = ins[0].shape
+    for n in ins[1:]:
+        shape = _broadcast(shape, n.shape)
+    return shape, "f32"
+
+
+def _unary(ins, a):
+    _float(ins[0], "operand")
+    return ins[0].shape, "f32"
+
+
+def _embedding(ins, a):
+    table, ids = ins
+    _float(table, "embedding table")
+    if len(table.shape) != 2:
+        _fail(f"embedding table must be 2-D [vocab, dim], got {table.shape}")
+    if ids.dtype not in INT_DTYPES:
+        _fail(f"token ids must be integers, got {ids.dtype}")
+    return ids.shape + (table.shape[1],), "f32"
+
+
+def _matmul(ins, a):
+    x, w = ins
+    _float(x, "matmul lhs")
+    _float(w, "matmul rhs")
+    if len(w.shape) != 2 or len(x.shape) < 1:
+        _fail(f"matmul wants x[..., K] and a 2-D weight, got {x.shape} and {w.shape}")
+    k, n = (w.shape[1], w.shape[0]) if a["transpose_b"] else w.shape
+    if not _same_dim(x.shape[-1], k):
+        _fail(f"inner dims differ: x{x.shape} @ w{w.shape}{'ᵀ' if a['transpose_b'] else ''}")
+    return x.shape[:-1] + (n,), "f32"
+
+
+def _rms_norm(ins, a):
+    x = ins[0]
+    _float(x, "rms_norm input")
+    if len(ins) == 2 and ins[1].shape != (x.shape[-1],):
+        _fail(f"norm weight {ins[1].shape} does not match the last dim of {x.shape}")
+    return x.shape, "f32"
+
+
+def _rope(ins, a):
+    x, pos = ins
+    _float(x, "rope input")
+    if len(x.shape) != 3:
+        _fail(f"rope wants [S, heads, head_dim], got {x.shape}")
+    if pos.shape != () or pos.dtype not in INT_DTYPES:
+        _fail(f"rope position must be an integer scalar, got {pos.shape} {pos.dtype}")
+    if len(a["inv_freq"]) * 2 != x.shape[2]:
+        _fail(f"rope table has {len(a['inv_freq'])} frequencies for head_dim {x.shape[2]}")
+    return x.shape, "f32"
+
+
+def _attention(ins, a):
+    q, k, v = ins
+    for n in ins:
+        _float(n, "attention operand")
+    if len(q.shape) != 3 or len(k.shape) != 3 or k.shape != v.shape:
+        _fail(f"attention wants q[S,nH,d], k and v [T,nKV,d], got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        _fail(f"q heads/dim {q.shape[1:]} do not fit kv heads/dim {k.shape[1:]}")
+    return q.shape, "f32"
+
+
+def _reshape(ins, a):
+    x = ins[0]
+    new = tuple(a["shape"])
+    if _numel(new) != _numel(x.shape):
+        _fail(f"cannot reshape {x.shape} to {new}")
+    return new, x.dtype
+
+
+def _slice(ins, a):
+    x = ins[0]
+    axis, start, stop = a["axis"], a["start"], a["stop"]
+    dim = x.shape[axis]
+    if isinstance(dim, str) or not (0 <= start < stop <= dim):
+        _fail(f"slice [{start}:{stop}] out of range for axis {axis} of {x.shape}")
+    return x.shape[:axis] + (stop - start,) + x.shape[axis + 1:], x.dtype
+
+
+def _topk_route(ins, a):
+    p = ins[0]
+    _float(p, "router probabilities")
+    if len(p.shape) != 2 or not (0 < a["k"] <= p.shape[1]):
+        _fail(f"top-{a['k']} routing wants [S, experts], got {p.shape}")
+    return p.shape, "f32"
+
+
+def _moe(ins, a):
+    x, route, gate_up, down = ins
+    if len(gate_up.shape) != 3 or len(down.shape) != 3:
+        _fail(f"expert weights must be 3-D, got {gate_up.shape} and {down.shape}")
+    e, two_im, h = gate_up.shape
+    if route.shape[-1] != e or x.shape[-1] != h or down.shape != (e, h, two_im // 2):
+        _fail(f"experts do not fit: x{x.shape} route{route.shape} gate_up{gate_up.shape} down{down.shape}")
+    return x.shape, "f32"
+
+
+# ---------------------------------------------------------------- the op table
+
+@dataclass(frozen=True)
+class OpDef:
+    rule: Callable[[list[Node], dict], tuple[Shape, str]]
+    meaning: Callable | None      # numpy reference: meaning(*input_arrays, **attrs)
+    archetype: str                # kernel family in shaders/
+
+
+OPS: dict[str, OpDef] = {
+    # leaves: values come from the caller (inputs) or the checkpoint (parameters)
+    "input":      OpDef(_leaf, None, "none"),
+    "parameter":  OpDef(_leaf, None, "none"),
+    # gather
+    "embedding":  OpDef(_embedding, R.embedding, "gather"),
+    # matrix
+    "matmul":     OpDef(_matmul, R.matmul, "gemm"),
+    "moe":        OpDef(_moe, R.moe, "gemm"),
+    # pointwise
+    "add":        OpDef(_elementwise, R.add, "pointwise"),
+    "mul":        OpDef(_elementwise, R.mul, "pointwise"),
+    "scale":      OpDef(_unary, R.scale, "pointwise"),
+    "silu":       OpDef(_unary, R.silu, "pointwise"),
+    "gelu_tanh":  OpDef(_unary, R.gelu_tanh, "pointwise"),
+    "softcap":    OpDef(_unary, R.softcap, "pointwise"),
+    "rope":       OpDef(_rope, R.rope, "pointwise"),
+    # row reductions
+    "rms_norm":   OpDef(_rms_norm, R.rms_norm, "rowreduce"),
+    "softmax":    OpDef(_unary, R.softmax, "rowreduce"),
+    "topk_route": OpDef(_topk_route, R.topk_route, "rowreduce"),
+    # attention
+    "attention":  OpDef(_attention, R.attention, "attention"),
+    # views
+    "reshape":    OpDef(_reshape, R.reshape, "view"),
+    "slice":      OpDef(_slice, R.slice_, "copy"),
+}
+
+
+# ---------------------------------------------------------------- the graph
+
+def _caller() -> str:
+    """The first stack frame outside this file: where the user built the bad node."""
+    here = os.path.abspath(__file__)
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        if os.path.abspath(frame.filename) != here:
+            return f"{frame.filename}:{frame.lineno}"
+    return "?"
+
+
+@dataclass
+class Graph:
+    nodes: list[Node] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)      # node -> output name
+    outputs: list[int] = field(default_factory=list)
+
+    # -- core
+    def add_node(self, op: str, inputs: tuple[int, ...] = (), **attrs) -> int:
+        if op not in OPS:
+            raise ShapeError(f"unknown op {op!r}")
+        ins = [self.nodes[i] for i in inputs]
+        try:
+            shape, dtype = OPS[op].rule(ins, attrs)
+        except ShapeError as e:
+            shapes = ", ".join(str(n.shape) for n in ins)
+            raise ShapeError(f"{op}({shapes}): {e} (built at {_caller()})") from None
+        self.nodes.append(Node(op, tuple(inputs), attrs, shape, dtype))
+        return len(self.nodes) - 1
+
+    def __getitem__(self, i: int) -> Node:
+        return self.nodes[i]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def named(self, name: str, node: int) -> int:
+        self.names[node] = name
+        return node
+
+    def set_outputs(self, outputs):
+        if isinstance(outputs, dict):
+            for name, node in outputs.items():
+                self.names[node] = name
+            outputs = list(outputs.values())
+        self.outputs = list(outputs)
+        for i, node in enumerate(self.outputs):
+            self.names.setdefault(node, f"output_{i}")
+
+    def output_names(self) -> list[str]:
+        return [self.names[n] for n in self.outputs]
+
+    def leaves(self, op: str) -> dict[str, int]:
+        return {n.attrs["name"]: i for i, n in enumerate(self.nodes) if n.op == op}
+
+    # -- builders (one per op)
+    def input(self, name: str, shape: Shape, dtype: str = "f32", default=None) -> int:
+        return self.add_node("input", name=name, shape=tuple(shape), dtype=dtype, default=default)
+
+    def parameter(self, name: str, shape: Shape, *, fallback: str | None = None, parts=None) -> int:
+        """A checkpoint tensor. `fallback` names the tensor to use if `name` is absent (tied weights);
+        `parts` lists on-disk tensors stacked along a new axis 0, each a list concatenated along
+        its axis 0 (experts saved one file entry each)."""
+        return self.add_node("parameter", name=name, shape=tuple(shape), dtype="f32",
+                             fallback=fallback, parts=parts)
+
+    def embedding(self, table: int, ids: int) -> int:
+        return self.add_node("embedding", (table, ids))
+
+    def matmul(self, x: int, w: int, transpose_b: bool = False) -> int:
+        return self.add_node("matmul", (x, w), transpose_b=transpose_b)
+
+    def linear(self, x: int, w: int, b: int | None = None) -> int:
+        """HF nn.Linear: x @ W.T (+ b), W stored [out, in]."""
+        y = self.matmul(x, w, transpose_b=True)
+        return y if b is None else self.add(y, b)
+
+    def add(self, a: int, b: int) -> int:
+        return self.add_node("add", (a, b))
+
+    def mul(self, a: int, b: int) -> int:
+        return self.add_node("mul", (a, b))
+
+    def scale(self, x: int, c: float) -> int:
+        return self.add_node("scale", (x,), c=float(c))
+
+    def silu(self, x: int) -> int:
+        return self.add_node("silu", (x,))
+
+    def gelu_tanh(self, x: int) -> int:
+        return self.add_node("gelu_tanh", (x,))
+
+    def softcap(self, x: int, cap: float) -> int:
+        return self.add_node("softcap", (x,), cap=float(cap))
+
+    def rms_norm(self, x: int, w: int | None, eps: float) -> int:
+        return self.add_node("rms_norm", (x,) if w is None else (x, w), eps=float(eps))
+
+    def softmax(self, x: int) -> int:
+        return self.add_node("softmax", (x,))
+
+    def rope(self, x: int, pos: int, inv_freq, attention_scaling: float = 1.0) -> int:
+        return self.add_node("rope", (x, pos), inv_freq=tuple(float(f) for f in inv_freq),
+                             attention_scaling=float(attention_scaling))
+
+    def attention(self, q: int, k: int, v: int, scale: float, window: int | None = None,
+                  softcap: float | None = None) -> int:
+        """Causal attention over [S, heads, head_dim]; GQA when k/v have fewer heads than q.
+        A sliding `window` w lets query i see keys i-w+1 .. i."""
+        return self.add_node("attention", (q, k, v), scale=float(scale), window=window, softcap=softcap)
+
+    def reshape(self, x: int, shape: Shape) -> int:
+        return self.add_node("reshape", (x,), shape=tuple(shape))
+
+    def slice(self, x: int, axis: int, start: int, stop: int) -> int:
+        return self.add_node("slice", (x,), axis=axis, start=start, stop=stop)
+
+    def topk_route(self, p: int, k: int, normalize: bool) -> int:
+        """Dense [S, E] routing weights: the k largest of p per row (renormalised if asked), 0 elsewhere."""
+        return self.add_node("topk_route", (p,), k=int(k), normalize=bool(normalize))
+
+    def moe(self, x: int, route: int, gate_up: int, down: int, act: str) -> int:
+        """sum_e route[:, e] * down_e(act(gate_e(x)) * up_e(x)), gate_up packed [E, 2*Im, H] gate first."""
+        return self.add_node("moe", (x, route, gate_up, down), act=act)
+
+    # -- reading
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            counts[n.op] = counts.get(n.op, 0) + 1
+        return ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
+
+    def to_text(self) -> str:
+        lines = []
+        for i, n in enumerate(self.nodes):
+            attrs = {k: v for k, v in n.attrs.items() if v is not None and k != "inv_freq"}
+            args = ", ".join(f"%{j}" for j in n.inputs)
+            lines.append(f"%{i} = {n.op}({args}) {attrs} : {n.shape} {n.dtype}")
+        return "\n".join(lines)

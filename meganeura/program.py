@@ -1,0 +1,84 @@
+"""A compiled graph, ready to run: `mn.compile(graph, backend=...)` returns one."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from . import reference
+from .graph import Graph, INT_DTYPES, S
+from .weights import Checkpoint, load_f32, plan
+
+BACKENDS = ("numpy",)
+NP_DTYPES = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
+
+
+class Program:
+    """Runs `graph` on a backend. Weights are bound on first use of a checkpoint and kept."""
+
+    def __init__(self, graph: Graph, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        if not graph.outputs:
+            raise ValueError("the graph has no outputs: call graph.set_outputs([...]) first")
+        self.graph = graph
+        self.backend = backend
+        self._bound: tuple[int, dict] | None = None
+
+    def params(self, weights) -> dict[str, np.ndarray]:
+        """float32 values of every parameter, checked against the graph before any math."""
+        if self._bound is not None and self._bound[0] == id(weights):
+            return self._bound[1]
+        if isinstance(weights, Checkpoint):
+            values = {name: load_f32(weights, b) for name, b in plan(self.graph, weights).items()}
+        elif isinstance(weights, Mapping):
+            values = {}
+            for name, node in self.graph.leaves("parameter").items():
+                if name not in weights:
+                    raise ValueError(f"missing weight {name}")
+                arr = np.asarray(weights[name], dtype=np.float32)
+                if arr.shape != self.graph[node].shape:
+                    raise ValueError(f"weight {name} has shape {list(arr.shape)}, "
+                                     f"expected {list(self.graph[node].shape)}")
+                values[name] = arr
+        else:
+            raise TypeError("weights must be a Checkpoint (mn.open_weights) or a dict of arrays")
+        self._bound = (id(weights), values)
+        return values
+
+    def feed(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
+        """Check and convert the caller's inputs; fill defaults; bind the token count S."""
+        fed, tokens = {}, None
+        for name, i in self.graph.leaves("input").items():
+            node = self.graph[i]
+            if name not in inputs:
+                if node.attrs["default"] is None:
+                    raise ValueError(f"missing input {name!r}")
+                value = node.attrs["default"]
+            else:
+                value = inputs[name]
+            arr = np.asarray(value)
+            if node.dtype in INT_DTYPES and arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"input {name!r} must hold integers, got {arr.dtype}")
+            arr = arr.astype(NP_DTYPES[node.dtype])
+            if arr.ndim != len(node.shape):
+                raise ValueError(f"input {name!r} must have {len(node.shape)} dims {node.shape}, got {arr.shape}")
+            for want, got in zip(node.shape, arr.shape):
+                if want == S:
+                    if tokens not in (None, got):
+                        raise ValueError(f"inputs disagree on the token count ({tokens} vs {got})")
+                    tokens = got
+                elif want != got:
+                    raise ValueError(f"input {name!r} has shape {arr.shape}, expected {node.shape}")
+            fed[name] = arr
+        if tokens == 0:
+            raise ValueError("no tokens to run")
+        return fed
+
+    def run(self, inputs: Mapping[str, object], weights) -> dict[str, np.ndarray]:
+        return reference.run(self.graph, self.feed(inputs), self.params(weights))
+
+
+def compile(graph: Graph, backend: str = "numpy", optimize: bool = True) -> Program:
+    """Prepare `graph` to run. backend="numpy" evaluates with the reference executor."""
+    return Program(graph, backend)

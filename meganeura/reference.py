@@ -1,0 +1,161 @@
+"""The meaning of every op, in numpy (the golden semantics), and an executor that runs a Graph with them.
+
+All math is float32. Checkpoint tensors arrive already upcast (bf16 and f16 to f32 are exact).
+Attention and RoPE take the absolute position of the first query from their inputs, so the same
+functions serve a whole-prompt forward and a step over a KV cache.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+f32 = np.float32
+
+
+# ---------------------------------------------------------------- op meanings
+
+def embedding(table, ids):
+    ids = np.asarray(ids).astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of {table.shape[0]}")
+    return table[ids].astype(f32)
+
+
+def matmul(x, w, transpose_b):
+    return np.matmul(x, w.T if transpose_b else w, dtype=f32)
+
+
+def add(a, b):
+    return (a + b).astype(f32, copy=False)
+
+
+def mul(a, b):
+    return (a * b).astype(f32, copy=False)
+
+
+def scale(x, c):
+    return (x * f32(c)).astype(f32, copy=False)
+
+
+def silu(x):
+    return (x / (f32(1) + np.exp(-x))).astype(f32, copy=False)
+
+
+def gelu_tanh(x):
+    c = f32(np.sqrt(2.0 / np.pi))
+    return (f32(0.5) * x * (f32(1) + np.tanh(c * (x + f32(0.044715) * x * x * x)))).astype(f32, copy=False)
+
+
+def softcap(x, cap):
+    return (f32(cap) * np.tanh(x / f32(cap))).astype(f32, copy=False)
+
+
+def rms_norm(x, w=None, *, eps):
+    y = x * (f32(1) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True, dtype=f32) + f32(eps)))
+    return (y if w is None else y * w).astype(f32, copy=False)
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(f32, copy=False)
+
+
+def rope_angles(start, count, inv_freq):
+    """fp32(position) * inv_freq, one fp32 multiply per entry, as transformers computes it."""
+    pos = (np.int64(start) + np.arange(count, dtype=np.int64)).astype(f32)
+    return pos[:, None] * np.asarray(inv_freq, dtype=f32)[None, :]
+
+
+def rope(x, start, *, inv_freq, attention_scaling):
+    """Rotate pairs (j, j + d/2) of every head (the "rotate_half" layout) by position * inv_freq[j]."""
+    ang = rope_angles(int(start), x.shape[0], inv_freq)            # [S, d/2]
+    cos = (np.cos(ang) * f32(attention_scaling))[:, None, :]
+    sin = (np.sin(ang) * f32(attention_scaling))[:, None, :]
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(f32, copy=False)
+
+
+def attention(q, k, v, *, scale, window, softcap):
+    """Causal softmax attention. q: [S, nH, d], k/v: [T, nKV, d] with the S queries being the last S
+    of the T positions. Query i (absolute index T-S+i) sees keys j with i-w < j <= i."""
+    s, n_heads, _ = q.shape
+    t, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    qi = np.arange(t - s, t)[:, None]
+    kj = np.arange(t)[None, :]
+    allowed = kj <= qi
+    if window is not None:
+        allowed &= kj > qi - window
+    kh = np.repeat(k, group, axis=1)                               # [T, nH, d]
+    vh = np.repeat(v, group, axis=1)
+    scores = np.einsum("shd,thd->hst", q, kh, dtype=f32) * f32(scale)
+    if softcap is not None:
+        scores = f32(softcap) * np.tanh(scores / f32(softcap))
+    scores = np.where(allowed[None], scores, -np.inf).astype(f32)
+    p = softmax(scores)
+    return np.einsum("hst,thd->shd", p, vh, dtype=f32)
+
+
+def reshape(x, *, shape):
+    return x.reshape(tuple(-1 if isinstance(d, str) else d for d in shape))
+
+
+def slice_(x, *, axis, start, stop):
+    idx = [slice(None)] * x.ndim
+    idx[axis] = slice(start, stop)
+    return np.ascontiguousarray(x[tuple(idx)])
+
+
+def topk_route(p, *, k, normalize):
+    """Keep each row's k largest entries (ties: lower expert index first), zero the rest."""
+    idx = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, idx, axis=-1)
+    if normalize:
+        w = w / w.sum(axis=-1, keepdims=True)
+    out = np.zeros_like(p, dtype=f32)
+    np.put_along_axis(out, idx, w.astype(f32), axis=-1)
+    return out
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+def moe(x, route, gate_up, down, *, act):
+    """Each token's output is the routing-weighted sum of its chosen experts' gated MLPs."""
+    out = np.zeros(x.shape, dtype=f32)
+    im = gate_up.shape[1] // 2
+    for e in np.flatnonzero(route.any(axis=0)):
+        rows = np.flatnonzero(route[:, e])
+        y = x[rows] @ gate_up[e].T
+        h = ACTIVATIONS[act](y[:, :im]) * y[:, im:]
+        out[rows] += route[rows, e, None] * (h @ down[e].T)
+    return out
+
+
+# ---------------------------------------------------------------- the executor
+
+def run(graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Evaluate `graph`'s outputs. `inputs` by input name, `params` (float32) by parameter name."""
+    from .graph import OPS
+
+    last_use = {}
+    for i, n in enumerate(graph.nodes):
+        for j in n.inputs:
+            last_use[j] = i
+    keep = set(graph.outputs)
+    values: dict[int, np.ndarray] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op == "input":
+            values[i] = inputs[n.attrs["name"]]
+        elif n.op == "parameter":
+            values[i] = params[n.attrs["name"]]
+        else:
+            args = [values[j] for j in n.inputs]
+            attrs = {k: v for k, v in n.attrs.items()}
+            values[i] = OPS[n.op].meaning(*args, **attrs)
+        for j in n.inputs:
+            if last_use[j] == i and j not in keep:
+                values.pop(j, None)
+    return {graph.names[o]: values[o] for o in graph.outputs}

@@ -1,0 +1,204 @@
+"""Checkpoint tensors: safetensors files read by mmap (one file or shards), bound to a graph's parameters.
+
+Binding checks every parameter's name and shape before any math and reports all problems in one error.
+Tensors keep their stored dtype until a backend asks for them; `to_f32` widens bf16 and f16 exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+# safetensors dtype tag -> numpy storage dtype (bf16 is stored as its 16 raw bits)
+STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+FLOAT_TAGS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "F64": "f64"}
+MULTIMODAL_PREFIX = ("model.", "model.language_model.")   # Gemma-4 multimodal checkpoints nest the decoder
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be read, or does not hold what the model needs."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: str          # safetensors tag: F32, BF16, ...
+    shape: tuple[int, ...]
+    begin: int          # absolute byte offsets in the file
+    end: int
+
+
+def _read_header(path: str) -> dict[str, TensorInfo]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{path} is not a safetensors file (header length {n} exceeds the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not an object)")
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed safetensors entry for {name!r}") from None
+        if dtype not in STORAGE:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(STORAGE[dtype]).itemsize
+        if e - b != want or 8 + n + e > size:
+            raise CheckpointError(f"{path}: tensor {name} {list(shape)} {dtype} has a bad byte range (truncated file?)")
+        out[name] = TensorInfo(path, dtype, shape, 8 + n + b, 8 + n + e)
+    return out
+
+
+def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Widen a stored tensor to float32 exactly (bf16: the 16 bits are the top half of an f32)."""
+    if dtype == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory (or one .safetensors file), memory-mapped on demand."""
+
+    def __init__(self, path: str):
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.exists(index):
+                try:
+                    weight_map = json.load(open(index))["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CheckpointError(f"{index} is not a valid safetensors index") from None
+                files = sorted({os.path.join(path, f) for f in weight_map.values()})
+            else:
+                files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"no .safetensors weights in {path}")
+        elif os.path.isfile(path):
+            files = [path]
+        else:
+            raise CheckpointError(f"no such checkpoint: {path}")
+        self.path = path
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            if not os.path.isfile(f):
+                raise CheckpointError(f"shard {f} named by the index is missing")
+            self.tensors.update(_read_header(f))
+        self._maps: dict[str, np.memmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def resolve(self, name: str) -> str | None:
+        """The stored name for `name`, looking under the multimodal decoder prefix too."""
+        if name in self.tensors:
+            return name
+        plain, nested = MULTIMODAL_PREFIX
+        if name.startswith(plain) and nested + name[len(plain):] in self.tensors:
+            return nested + name[len(plain):]
+        return None
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor in its stored dtype, as a read-only view of the mmap."""
+        t = self.tensors[name]
+        if t.file not in self._maps:
+            self._maps[t.file] = np.memmap(t.file, dtype=np.uint8, mode="r")
+        buf = self._maps[t.file][t.begin:t.end]
+        return buf.view(STORAGE[t.dtype]).reshape(t.shape)
+
+    def f32(self, name: str) -> np.ndarray:
+        return to_f32(self.raw(name), self.tensors[name].dtype)
+
+
+def open_weights(path) -> Checkpoint:
+    return Checkpoint(path)
+
+
+# ---------------------------------------------------------------- binding a graph's parameters
+
+@dataclass(frozen=True)
+class Binding:
+    """Where one parameter's value comes from: a stored tensor, or parts stacked/concatenated."""
+    param: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, ...], ...]      # outer: stacked on a new axis 0 (or one entry: no stack)
+    stacked: bool
+
+
+def _plan_one(ckpt: Checkpoint, node, problems: list[str]) -> Binding | None:
+    a = node.attrs
+    shape = tuple(node.shape)
+    if a["parts"] is None:
+        stored = ckpt.resolve(a["name"]) or (a["fallback"] and ckpt.resolve(a["fallback"]))
+        if stored is None:
+            problems.append(f"missing {a['name']} {list(shape)}")
+            return None
+        got = ckpt.tensors[stored].shape
+        if got != shape and not (shape == () and got == (1,)) and not (got == () and shape == (1,)):
+            problems.append(f"{stored} has shape {list(got)}, expected {list(shape)}")
+            return None
+        if ckpt.tensors[stored].dtype not in FLOAT_TAGS:
+            problems.append(f"{stored} has dtype {ckpt.tensors[stored].dtype}, expected a float type")
+            return None
+        return Binding(a["name"], shape, ((stored,),), stacked=False)
+    groups, ok = [], True
+    for group in a["parts"]:
+        names = []
+        for part in group:
+            stored = ckpt.resolve(part)
+            if stored is None:
+                problems.append(f"missing {part}")
+                ok = False
+            else:
+                names.append(stored)
+        groups.append(tuple(names))
+    if not ok:
+        return None
+    inner = shape[1:]
+    for names in groups:
+        shapes = [ckpt.tensors[n].shape for n in names]
+        joined = (sum(s[0] for s in shapes),) + shapes[0][1:]
+        if joined != inner or any(s[1:] != shapes[0][1:] for s in shapes):
+            problems.append(f"{', '.join(names)} have shapes {[list(s) for s in shapes]}, "
+                            f"expected together {list(inner)}")
+            return None
+    return Binding(a["name"], shape, tuple(groups), stacked=True)
+
+
+def plan(graph, ckpt: Checkpoint) -> dict[str, Binding]:
+    """Check every parameter of `graph` against `ckpt`; one CheckpointError lists all problems."""
+    problems: list[str] = []
+    out = {}
+    for node in graph.nodes:
+        if node.op == "parameter" and node.attrs["name"] not in out:
+            b = _plan_one(ckpt, node, problems)
+            if b is not None:
+                out[b.param] = b
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model: {shown}")
+    return out
+
+
+def load_f32(ckpt: Checkpoint, b: Binding) -> np.ndarray:
+    """The parameter's value as float32 (packing stacked/concatenated parts)."""
+    if not b.stacked:
+        return ckpt.f32(b.parts[0][0]).reshape(b.shape)
+    return np.stack([np.concatenate([ckpt.f32(n) for n in group], axis=0) for group in b.parts])

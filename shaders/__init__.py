@@ -1,0 +1,1 @@
+"""WGSL kernel templates, one per archetype (package data)."""
