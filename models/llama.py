@@ -50,8 +50,8 @@ class LlamaConfig:
         c.mlp_bias = field(cfg, "mlp_bias", False, bool)
         if c.model_type == "mistral":
             # Mistral slides on every layer; an absent key means HF's default 4096, an explicit null none.
-            window = cfg.get("sliding_window", 4096)
-            c.sliding_window = None if window is None else field(cfg, "sliding_window", None, int)
+            explicit_none = "sliding_window" in cfg and cfg["sliding_window"] is None
+            c.sliding_window = None if explicit_none else field(cfg, "sliding_window", 4096, int)
         c.layer_types = cfg.get("layer_types") or [SLIDING if c.sliding_window else FULL] * c.num_hidden_layers
         return c.validate()
 

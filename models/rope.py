@@ -15,10 +15,11 @@ f32 = np.float32
 
 
 def _base_powers(theta: float, dim: int, count: int | None = None) -> np.ndarray:
-    """theta ** (2j / dim) for j < count, in float32."""
+    """theta ** (2j / dim) for j < count: an fp32 exponent, the power correctly rounded to fp32 (as torch's
+    powf nearly always is; numpy's fp32 power is off by an ulp far more often)."""
     n = dim // 2 if count is None else count
     exps = np.arange(0, 2 * n, 2, dtype=np.int64).astype(f32) / f32(dim)
-    return np.power(f32(theta), exps, dtype=f32)
+    return np.power(np.float64(theta), exps.astype(np.float64)).astype(f32)
 
 
 def inv_freq(params: dict, head_dim: int) -> tuple[np.ndarray, float]:
