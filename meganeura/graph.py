@@ -340,9 +340,10 @@ class Graph:
         """Dense [S, E] routing weights: the k largest of p per row (renormalised if asked), 0 elsewhere."""
         return self.add_node("topk_route", (p,), k=int(k), normalize=bool(normalize))
 
-    def moe(self, x: int, route: int, gate_up: int, down: int, act: str) -> int:
-        """sum_e route[:, e] * down_e(act(gate_e(x)) * up_e(x)), gate_up packed [E, 2*Im, H] gate first."""
-        return self.add_node("moe", (x, route, gate_up, down), act=act)
+    def moe(self, x: int, route: int, gate_up: int, down: int, act: str, k: int) -> int:
+        """sum_e route[:, e] * down_e(act(gate_e(x)) * up_e(x)), gate_up packed [E, 2*Im, H] gate first;
+        each token routes to at most `k` experts (the non-zero entries of its `route` row)."""
+        return self.add_node("moe", (x, route, gate_up, down), act=act, k=int(k))
 
     # -- reading
     def summary(self) -> str:

@@ -21,7 +21,7 @@ class Model:
         logits = self.family.build_graph(self.graph, self.config)
         self.graph.set_outputs([logits])
         self.program = compile(self.graph, backend=backend, optimize=optimize)
-        self.program.params(self.weights)        # names and shapes are checked now, not at the first call
+        self.program.bind(self.weights)          # names and shapes are checked now, not at the first call
 
     def logits(self, ids, start_pos: int = 0) -> np.ndarray:
         """float32 [len(ids), vocab]: one full forward over `ids`, the first at position `start_pos`."""
@@ -32,7 +32,7 @@ class Model:
         return out["logits"]
 
 
-def load_model(path, backend: str = "numpy", optimize: bool = True, dtype: str = "auto") -> Model:
+def load_model(path, backend: str = "wgpu", optimize: bool = True, dtype: str = "auto") -> Model:
     """Load a checkpoint directory (config.json + safetensors)."""
     path = os.fspath(path)
     if not os.path.isdir(path):

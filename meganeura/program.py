@@ -9,7 +9,7 @@ from . import reference
 from .graph import Graph, INT_DTYPES, S
 from .weights import Checkpoint, load_f32, plan
 
-BACKENDS = ("numpy",)
+BACKENDS = ("wgpu", "numpy")
 NP_DTYPES = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
 
 
@@ -24,6 +24,17 @@ class Program:
         self.graph = graph
         self.backend = backend
         self._bound: tuple[int, dict] | None = None
+        self._runner = None
+        if backend == "wgpu":
+            from .backend.runtime import WgpuRunner
+            self._runner = WgpuRunner(graph)
+
+    def bind(self, weights):
+        """Check (and for a GPU, upload) the weights now rather than at the first run."""
+        if self._runner is not None:
+            self._runner.bind_weights(weights)
+        else:
+            self.params(weights)
 
     def params(self, weights) -> dict[str, np.ndarray]:
         """float32 values of every parameter, checked against the graph before any math."""
@@ -46,7 +57,7 @@ class Program:
         self._bound = (id(weights), values)
         return values
 
-    def feed(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
+    def feed(self, inputs: Mapping[str, object]) -> tuple[dict[str, np.ndarray], int]:
         """Check and convert the caller's inputs; fill defaults; bind the token count S."""
         fed, tokens = {}, None
         for name, i in self.graph.leaves("input").items():
@@ -73,12 +84,16 @@ class Program:
             fed[name] = arr
         if tokens == 0:
             raise ValueError("no tokens to run")
-        return fed
+        return fed, tokens or 1
 
     def run(self, inputs: Mapping[str, object], weights) -> dict[str, np.ndarray]:
-        return reference.run(self.graph, self.feed(inputs), self.params(weights))
+        fed, tokens = self.feed(inputs)
+        if self._runner is not None:
+            return self._runner.run(fed, tokens, weights)
+        return reference.run(self.graph, fed, self.params(weights))
 
 
-def compile(graph: Graph, backend: str = "numpy", optimize: bool = True) -> Program:
-    """Prepare `graph` to run. backend="numpy" evaluates with the reference executor."""
+def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True) -> Program:
+    """Prepare `graph` to run: backend="wgpu" on the GPU (lavapipe where there is none),
+    backend="numpy" with the reference executor."""
     return Program(graph, backend)

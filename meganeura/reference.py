@@ -122,7 +122,7 @@ def topk_route(p, *, k, normalize):
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
 
 
-def moe(x, route, gate_up, down, *, act):
+def moe(x, route, gate_up, down, *, act, k):
     """Each token's output is the routing-weighted sum of its chosen experts' gated MLPs."""
     out = np.zeros(x.shape, dtype=f32)
     im = gate_up.shape[1] // 2

@@ -343,4 +343,4 @@ def _moe(g: Graph, w, cfg: Gemma4Config, p: str, r: int) -> int:
     route = g.mul(g.topk_route(probs, cfg.top_k_experts, normalize=True), w(p + "router.per_expert_scale", e))
     xe = g.rms_norm(r, w(p + "pre_feedforward_layernorm_2.weight", hsz), cfg.rms_norm_eps)
     return g.moe(xe, route, w(p + "experts.gate_up_proj", e, 2 * im, hsz), w(p + "experts.down_proj", e, hsz, im),
-                 act="gelu_tanh")
+                 act="gelu_tanh", k=cfg.top_k_experts)

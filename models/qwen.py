@@ -120,7 +120,7 @@ def sparse_moe(g: Graph, cfg: QwenConfig, layer: int, x: int) -> int:
     gate_up = g.parameter(p + "experts.gate_up_proj", (e, 2 * im, hsz),
                           parts=[[x + "gate_proj.weight", x + "up_proj.weight"] for x in experts])
     down = g.parameter(p + "experts.down_proj", (e, hsz, im), parts=[[x + "down_proj.weight"] for x in experts])
-    return g.moe(x, route, gate_up, down, act="silu")
+    return g.moe(x, route, gate_up, down, act="silu", k=cfg.num_experts_per_tok)
 
 
 def feed_forward(g: Graph, cfg: QwenConfig, layer: int, x: int) -> int:

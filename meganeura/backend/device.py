@@ -1,0 +1,99 @@
+"""The GPU: adapter choice, feature and limit probing, and the opened wgpu device.
+
+A discrete GPU is preferred, then an integrated one, then anything else (Mesa's lavapipe on machines with
+no GPU). `MEGANEURA_DEVICE` (or `--device`) picks an adapter by index or by a substring of its name.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "immediates")
+PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
+          "max-compute-invocations-per-workgroup", "max-compute-workgroups-per-dimension",
+          "max-storage-buffers-per-shader-stage", "min-storage-buffer-offset-alignment")
+
+
+class DeviceError(RuntimeError):
+    """No usable GPU adapter."""
+
+
+@dataclass
+class Device:
+    wgpu_device: object
+    name: str
+    backend: str
+    adapter_type: str
+    features: frozenset
+    limits: dict
+    max_binding: int                    # bytes one storage binding may cover (may be forced lower)
+    pipelines: dict = field(default_factory=dict)
+
+    @property
+    def has_f16(self) -> bool:
+        return "shader-f16" in self.features
+
+
+def _adapters():
+    import wgpu
+
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")     # silences lavapipe's warning on headless machines
+    try:
+        adapters = wgpu.gpu.enumerate_adapters_sync()
+    except Exception as e:      # wgpu raises its own error types when no Vulkan/Metal/DX12 driver loads
+        raise DeviceError(f"no GPU adapter could be enumerated ({e}); on Linux without a GPU install "
+                          f"mesa-vulkan-drivers for lavapipe") from None
+    ranked = sorted(adapters, key=lambda a: PREFERENCE.get(a.info.get("adapter_type", ""), 9))
+    if not ranked:
+        raise DeviceError("no GPU adapter found; on Linux without a GPU install mesa-vulkan-drivers (lavapipe)")
+    return ranked
+
+
+def list_adapters() -> list[dict]:
+    """Every adapter, in preference order, with its backend, type, optional features and limits."""
+    out = []
+    for i, a in enumerate(_adapters()):
+        out.append({"index": i, "name": a.info.get("device", "?"), "backend": a.info.get("backend_type", "?"),
+                    "type": a.info.get("adapter_type", "?"),
+                    "features": sorted(f for f in OPTIONAL_FEATURES if f in a.features),
+                    "limits": {k: a.limits[k] for k in LIMITS if k in a.limits}})
+    return out
+
+
+_OPEN: dict = {}
+
+
+def open_device(choice: str | None = None, max_binding: int | None = None) -> Device:
+    """The chosen adapter's device (opened once per process and choice)."""
+    choice = choice if choice is not None else os.environ.get("MEGANEURA_DEVICE")
+    if max_binding is None and os.environ.get("MEGANEURA_MAX_BINDING"):
+        max_binding = int(os.environ["MEGANEURA_MAX_BINDING"])
+    key = (choice, max_binding)
+    if key in _OPEN:
+        return _OPEN[key]
+    adapters = _adapters()
+    if choice is None:
+        adapter = adapters[0]
+    elif choice.isdigit():
+        if int(choice) >= len(adapters):
+            raise DeviceError(f"device index {choice} out of range: {len(adapters)} adapters")
+        adapter = adapters[int(choice)]
+    else:
+        matches = [a for a in adapters if choice.lower() in a.info.get("device", "").lower()]
+        if not matches:
+            names = ", ".join(a.info.get("device", "?") for a in adapters)
+            raise DeviceError(f"no adapter matches {choice!r}; available: {names}")
+        adapter = matches[0]
+    features = [f for f in ("shader-f16", "subgroup", "timestamp-query") if f in adapter.features]
+    limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                             "max-compute-workgroup-storage-size",
+                                             "max-compute-invocations-per-workgroup",
+                                             "max-storage-buffers-per-shader-stage") if k in adapter.limits}
+    dev = adapter.request_device_sync(required_features=features, required_limits=limits)
+    binding = min(limits["max-storage-buffer-binding-size"], limits["max-buffer-size"])
+    device = Device(dev, adapter.info.get("device", "?"), adapter.info.get("backend_type", "?"),
+                    adapter.info.get("adapter_type", "?"), frozenset(features), dict(adapter.limits),
+                    min(binding, max_binding) if max_binding else binding)
+    _OPEN[key] = device
+    return device

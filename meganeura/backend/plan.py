@@ -1,0 +1,69 @@
+"""Buffer planning: which arena slot holds each activation, by liveness, for a given token capacity.
+
+Reshapes are views (they share their source's slot). A slot is reused by a later value once every
+reader of its current value has been dispatched; graph outputs and inputs keep their slots. Per-op
+scratch lives only during its op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..graph import Graph
+from .kernels import Kernel, numel_at
+
+
+def base_of(graph: Graph, node_id: int) -> int:
+    """The node whose storage `node_id` views (following reshapes)."""
+    while graph[node_id].op == "reshape":
+        node_id = graph[node_id].inputs[0]
+    return node_id
+
+
+def value_bytes(graph: Graph, node_id: int, tokens: int) -> int:
+    node = graph[node_id]
+    return max(16, -(-numel_at(node.shape, tokens) * 4 // 16) * 16)
+
+
+@dataclass
+class ArenaPlan:
+    capacity: int
+    slot_sizes: list[int] = field(default_factory=list)
+    value_slot: dict[int, int] = field(default_factory=dict)      # base node -> slot
+    scratch_slot: dict[int, int] = field(default_factory=dict)    # node with scratch -> slot
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.slot_sizes)
+
+
+def plan_arena(graph: Graph, kernels: dict[int, list[Kernel]], capacity: int) -> ArenaPlan:
+    plan = ArenaPlan(capacity)
+    last_use: dict[int, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for j in node.inputs:
+            last_use[base_of(graph, j)] = i
+    pinned = {base_of(graph, o) for o in graph.outputs}
+    pinned |= {i for i, n in enumerate(graph.nodes) if n.op == "input" and n.shape != ()}
+    free: list[int] = []
+
+    def take(nbytes: int) -> int:
+        fits = [s for s in free if plan.slot_sizes[s] >= nbytes]
+        if fits:
+            best = min(fits, key=lambda s: plan.slot_sizes[s])
+            free.remove(best)
+            return best
+        plan.slot_sizes.append(nbytes)
+        return len(plan.slot_sizes) - 1
+
+    for i, node in enumerate(graph.nodes):
+        if node.op in ("parameter", "reshape") or (node.op == "input" and node.shape == ()):
+            continue
+        plan.value_slot[i] = take(value_bytes(graph, i, capacity))
+        scratch = [b.ref for k in kernels.get(i, []) for b in k.bindings if b.ref.kind == "scratch"]
+        if scratch:
+            plan.scratch_slot[i] = take(max(16, scratch[0].window * capacity))   # window: bytes per token
+            free.append(plan.scratch_slot[i])
+        for j in {base_of(graph, j) for j in node.inputs}:
+            if last_use.get(j) == i and j in plan.value_slot and j not in pinned:
+                free.append(plan.value_slot[j])
+    return plan

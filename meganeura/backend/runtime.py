@@ -1,0 +1,245 @@
+"""Running a graph on a wgpu device: weights uploaded once, pipelines and bind groups built once per token
+capacity, and each forward step encoded as one compute pass and one submit.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import reference
+from ..graph import Graph, Node
+from ..weights import Binding as WeightBinding, Checkpoint, plan as plan_weights, to_f32
+from .device import Device, open_device
+from .kernels import Context, Kernel, Ref, lower, numel_at
+from .plan import ArenaPlan, base_of, plan_arena
+
+STORED = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+CHUNK = 32 << 20          # upload granularity: bounds the host memory an upload needs beyond the mmap
+
+
+@dataclass
+class WeightBuffers:
+    dtype: str                              # f32 / bf16 / f16 as stored on the GPU
+    windows: list[tuple[int, int]]          # row ranges along axis 0, one buffer each
+    buffers: list
+
+
+def _round4(n: int) -> int:
+    return max(16, -(-n // 16) * 16)
+
+
+class _Progress:
+    """Bytes-uploaded progress on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.done, self.what = total, 0, what
+        self.on = sys.stderr.isatty() and total > (64 << 20)
+
+    def add(self, n: int):
+        self.done += n
+        if self.on:
+            print(f"\r{self.what}: {self.done >> 20}/{self.total >> 20} MiB", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.on:
+            print(file=sys.stderr)
+
+
+class WgpuRunner:
+    def __init__(self, graph: Graph, device: Device | None = None):
+        import wgpu
+
+        self.wgpu = wgpu
+        self.graph = graph
+        self.dev = device or open_device()
+        self.gpu = self.dev.wgpu_device
+        self.weights_id = None
+        self.params: dict[str, WeightBuffers] = {}
+        self.kernels: dict[int, list[Kernel]] = {}
+        self.arena: ArenaPlan | None = None
+        self.rope_tables: dict[tuple, int] = {}
+        scalars = [n.attrs["name"] for n in graph.nodes if n.op == "input" and n.shape == ()]
+        if any(s != "start_pos" for s in scalars):
+            raise ValueError(f"the wgpu backend passes only 'start_pos' as a scalar input, got {scalars}")
+
+    # -- weights
+    def bind_weights(self, weights):
+        if self.weights_id == id(weights):
+            return
+        if isinstance(weights, Checkpoint):
+            bindings = plan_weights(self.graph, weights)
+            total = sum(weights.tensors[n].end - weights.tensors[n].begin
+                        for b in bindings.values() for g in b.parts for n in g)
+            progress = _Progress(total, "uploading weights")
+            self.params = {name: self._upload_checkpoint(weights, b, progress) for name, b in bindings.items()}
+            progress.close()
+        else:
+            self.params = {name: self._upload_array(np.asarray(weights[name], dtype=np.float32))
+                           for name in self.graph.leaves("parameter")}
+        self.weights_id = id(weights)
+        self._lower()
+
+    def _windows(self, shape, itemsize: int) -> list[tuple[int, int]]:
+        rows = shape[0] if shape else 1
+        row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        row_bytes = row_elems * itemsize
+        per = max(1, self.dev.max_binding // max(1, row_bytes))
+        if itemsize == 2 and row_elems % 2 and per > 1:
+            per -= per % 2                  # keep every window 4-byte aligned
+        if row_bytes > self.dev.max_binding:
+            raise ValueError(f"one row of a {list(shape)} weight ({row_bytes} bytes) exceeds the device's "
+                             f"storage binding limit of {self.dev.max_binding} bytes")
+        return [(r, min(rows, r + per)) for r in range(0, rows, per)] or [(0, rows)]
+
+    def _new_buffer(self, nbytes: int):
+        u = self.wgpu.BufferUsage
+        return self.gpu.create_buffer(size=_round4(nbytes), usage=u.STORAGE | u.COPY_DST | u.COPY_SRC)
+
+    def _write(self, buf, offset: int, data: np.ndarray, progress=None):
+        flat = data.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, CHUNK):
+            piece = flat[start:start + CHUNK]
+            if piece.size % 4:
+                piece = np.concatenate([piece, np.zeros(4 - piece.size % 4, np.uint8)])
+            self.gpu.queue.write_buffer(buf, offset + start, piece)
+            if progress:
+                progress.add(piece.size)
+
+    def _upload_array(self, arr: np.ndarray) -> WeightBuffers:
+        shape = arr.shape if arr.ndim else (1,)
+        arr = np.ascontiguousarray(arr.reshape(shape))
+        windows = self._windows(shape, 4)
+        bufs = []
+        for r0, r1 in windows:
+            buf = self._new_buffer(arr[r0:r1].nbytes)
+            self._write(buf, 0, arr[r0:r1])
+            bufs.append(buf)
+        return WeightBuffers("f32", windows, bufs)
+
+    def _upload_checkpoint(self, ckpt: Checkpoint, b: WeightBinding, progress) -> WeightBuffers:
+        tags = {ckpt.tensors[n].dtype for g in b.parts for n in g}
+        if len(tags) != 1 or next(iter(tags)) not in STORED:
+            # Mixed or unusual dtypes (e.g. F64) are widened to f32 on the host once.
+            from ..weights import load_f32
+            return self._upload_array(load_f32(ckpt, b))
+        tag = next(iter(tags))
+        dtype, itemsize = STORED[tag], (4 if tag == "F32" else 2)
+        shape = b.shape if b.shape else (1,)
+        windows = self._windows(shape, itemsize)
+        row_bytes = (int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1) * itemsize
+        bufs = []
+        for r0, r1 in windows:
+            buf = self._new_buffer((r1 - r0) * row_bytes)
+            if not b.stacked:
+                raw = ckpt.raw(b.parts[0][0]).reshape(shape)
+                self._write(buf, 0, raw[r0:r1], progress)
+            else:
+                for row in range(r0, r1):
+                    offset = (row - r0) * row_bytes
+                    for name in b.parts[row]:
+                        raw = ckpt.raw(name)
+                        self._write(buf, offset, raw, progress)
+                        offset += raw.nbytes
+            bufs.append(buf)
+        return WeightBuffers(dtype, windows, bufs)
+
+    # -- kernels and arena
+    def _rope_key(self, node: Node) -> int:
+        key = (node.attrs["inv_freq"], node.attrs["attention_scaling"])
+        return self.rope_tables.setdefault(key, len(self.rope_tables))
+
+    def _lower(self):
+        ctx = Context(self.graph, self.dev.has_f16, lambda n: self.params[n].dtype,
+                      lambda n: self.params[n].windows, self._rope_key)
+        self.kernels = {i: lower(ctx, i) for i in range(len(self.graph))}
+        self.arena = None
+
+    def _pipeline(self, kernel: Kernel):
+        cache = self.dev.pipelines
+        key = (kernel.source, kernel.entry)
+        if key not in cache:
+            wgpu = self.wgpu
+            entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
+            for slot, b in enumerate(kernel.bindings, start=1):
+                kind = "storage" if b.write else "read-only-storage"
+                entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}})
+            layout = self.gpu.create_bind_group_layout(entries=entries)
+            module = self.gpu.create_shader_module(code=kernel.source)
+            pipe = self.gpu.create_compute_pipeline(
+                layout=self.gpu.create_pipeline_layout(bind_group_layouts=[layout]),
+                compute={"module": module, "entry_point": kernel.entry})
+            cache[key] = (pipe, layout)
+        return cache[key]
+
+    def _prepare(self, capacity: int):
+        """Arena buffers, RoPE tables, bind groups and output staging for up to `capacity` tokens."""
+        u = self.wgpu.BufferUsage
+        self.arena = plan_arena(self.graph, self.kernels, capacity)
+        self.slots = [self.gpu.create_buffer(size=s, usage=u.STORAGE | u.COPY_DST | u.COPY_SRC)
+                      for s in self.arena.slot_sizes]
+        self.step = self.gpu.create_buffer(size=16, usage=u.UNIFORM | u.COPY_DST)
+        self.rope_buffers = {key: self.gpu.create_buffer(size=_round4(capacity * len(inv) * 8),
+                                                         usage=u.STORAGE | u.COPY_DST)
+                             for (inv, _), key in self.rope_tables.items()}
+        self.dispatches = []
+        for i, kernels in self.kernels.items():
+            for k in kernels:
+                pipe, layout = self._pipeline(k)
+                entries = [{"binding": 0, "resource": {"buffer": self.step, "offset": 0, "size": 16}}]
+                for slot, b in enumerate(k.bindings, start=1):
+                    buf = self._buffer(b.ref, i)
+                    entries.append({"binding": slot, "resource": {"buffer": buf, "offset": 0, "size": buf.size}})
+                group = self.gpu.create_bind_group(layout=layout, entries=entries)
+                self.dispatches.append((pipe, group, k.grid))
+        self.staging = {o: self.gpu.create_buffer(size=self.slots[self.arena.value_slot[base_of(self.graph, o)]].size,
+                                                  usage=u.MAP_READ | u.COPY_DST)
+                        for o in self.graph.outputs}
+
+    def _buffer(self, ref: Ref, node_id: int):
+        if ref.kind == "node":
+            return self.slots[self.arena.value_slot[base_of(self.graph, ref.key)]]
+        if ref.kind == "param":
+            return self.params[ref.key].buffers[ref.window]
+        if ref.kind == "rope":
+            return self.rope_buffers[ref.key]
+        return self.slots[self.arena.scratch_slot[node_id]]
+
+    # -- a forward step
+    def run(self, fed: dict[str, np.ndarray], tokens: int, weights) -> dict[str, np.ndarray]:
+        self.bind_weights(weights)
+        if self.arena is None or tokens > self.arena.capacity:
+            self._prepare(max(tokens, 2 * self.arena.capacity if self.arena else 16))
+        q = self.gpu.queue
+        start = int(fed.get("start_pos", 0))
+        q.write_buffer(self.step, 0, np.array([tokens, start, 0, 0], np.uint32))
+        for name, i in self.graph.leaves("input").items():
+            if self.graph[i].shape != ():
+                arr = np.ascontiguousarray(fed[name]).view(np.uint8).reshape(-1)
+                if arr.size:
+                    self._write(self.slots[self.arena.value_slot[i]], 0, arr)
+        for (inv, scaling), key in self.rope_tables.items():
+            ang = reference.rope_angles(start, tokens, inv)
+            table = np.stack([np.cos(ang) * np.float32(scaling), np.sin(ang) * np.float32(scaling)], axis=-1)
+            self._write(self.rope_buffers[key], 0, table.astype(np.float32))
+        enc = self.gpu.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        for pipe, group, grid in self.dispatches:
+            cp.set_pipeline(pipe)
+            cp.set_bind_group(0, group)
+            cp.dispatch_workgroups(*grid(tokens))
+        cp.end()
+        sizes = {o: numel_at(self.graph[o].shape, tokens) * 4 for o in self.graph.outputs}
+        for o, staging in self.staging.items():
+            src = self.slots[self.arena.value_slot[base_of(self.graph, o)]]
+            enc.copy_buffer_to_buffer(src, 0, staging, 0, _round4(sizes[o]))
+        q.submit([enc.finish()])
+        out = {}
+        for o, staging in self.staging.items():
+            staging.map_sync(self.wgpu.MapMode.READ)
+            data = np.frombuffer(staging.read_mapped(0, _round4(sizes[o])), np.float32)[:sizes[o] // 4]
+            staging.unmap()
+            shape = tuple(tokens if d == "S" else d for d in self.graph[o].shape)
+            out[self.graph.names[o]] = data.reshape(shape).copy()
+        return out
