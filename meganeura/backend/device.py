@@ -64,12 +64,17 @@ def list_adapters() -> list[dict]:
 _OPEN: dict = {}
 
 
-def open_device(choice: str | None = None, max_binding: int | None = None) -> Device:
-    """The chosen adapter's device (opened once per process and choice)."""
+def open_device(choice: str | None = None, max_binding: int | None = None,
+                disable: tuple[str, ...] | None = None) -> Device:
+    """The chosen adapter's device (opened once per process and choice). `max_binding` lowers the
+    storage-binding limit and `disable` withholds optional features: both exercise fallback paths
+    (also set by MEGANEURA_MAX_BINDING and MEGANEURA_DISABLE=shader-f16,subgroup)."""
     choice = choice if choice is not None else os.environ.get("MEGANEURA_DEVICE")
     if max_binding is None and os.environ.get("MEGANEURA_MAX_BINDING"):
         max_binding = int(os.environ["MEGANEURA_MAX_BINDING"])
-    key = (choice, max_binding)
+    if disable is None:
+        disable = tuple(f for f in os.environ.get("MEGANEURA_DISABLE", "").split(",") if f)
+    key = (choice, max_binding, tuple(sorted(disable)))
     if key in _OPEN:
         return _OPEN[key]
     adapters = _adapters()
@@ -85,7 +90,8 @@ def open_device(choice: str | None = None, max_binding: int | None = None) -> De
             names = ", ".join(a.info.get("device", "?") for a in adapters)
             raise DeviceError(f"no adapter matches {choice!r}; available: {names}")
         adapter = matches[0]
-    features = [f for f in ("shader-f16", "subgroup", "timestamp-query") if f in adapter.features]
+    features = [f for f in ("shader-f16", "subgroup", "timestamp-query")
+                if f in adapter.features and f not in disable]
     limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
                                              "max-compute-workgroup-storage-size",
                                              "max-compute-invocations-per-workgroup",

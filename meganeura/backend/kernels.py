@@ -281,8 +281,8 @@ def _topk_route(ctx, node_id, node: Node) -> list[Kernel]:
     n, k = node.shape[-1], node.attrs["k"]
     # Thread 0 walks the row k times, each time taking the largest entry ordered after the previous pick
     # (value descending, then index ascending: the reference's stable order).
-    body = f"""    for (var j = li; j < n; j = j + WG) {{ out[base + j] = 0.0; }}
-    if (li == 0u) {{
+    body = f"""    if (li == 0u) {{
+        for (var j = 0u; j < n; j = j + 1u) {{ out[base + j] = 0.0; }}
         var prev_v = 3.0e38;
         var prev_i = -1;
         var picked_sum = 0.0;
@@ -378,13 +378,30 @@ def _moe(ctx, node_id, node: Node) -> list[Kernel]:
                                "(a + 0.044715 * a * a * a))); }"}[node.attrs["act"]]
     hidden = Binding("hidden", Ref("scratch", node_id, slots * im * 4), "f32", write=True)
     subs = dict(experts=e, hidden=h, inter=im, slots=slots, prelude=act, tokens=dim(x.shape[0]))
-    inputs = [ctx.value(node.inputs[0], "x"), ctx.value(node.inputs[1], "route"),
-              ctx.value(node.inputs[2], "gate_up"), ctx.value(node.inputs[3], "down")]
-    up = _kernel(ctx, "moe_up", "experts", inputs + [hidden, _out(node_id)],
-                 lambda s: (-(-im // 64), slots, s), entry="expert_up", **subs)
-    dn = _kernel(ctx, "moe_down", "experts", inputs + [hidden, _out(node_id)],
-                 lambda s: (-(-h // 64), min(s, MAX_GROUPS), -(-s // MAX_GROUPS)), entry="expert_down", **subs)
-    return [up, dn]
+    x_b, route_b = ctx.value(node.inputs[0], "x"), ctx.value(node.inputs[1], "route")
+
+    def weight(j, name):
+        """(binding per window, windows) of an expert tensor, whole or split by experts."""
+        w = ctx.graph[node.inputs[j]]
+        if w.op != "parameter":
+            return [ctx.value(node.inputs[j], name)], [(0, e)]
+        pname = w.attrs["name"]
+        wins = ctx.param_windows(pname)
+        return [Binding(name, Ref("param", pname, i), ctx.param_dtype(pname)) for i in range(len(wins))], wins
+
+    kernels = []
+    gate_up_b, gate_up_w = weight(2, "gate_up")
+    down_b, down_w = weight(3, "down")
+    for b, (e0, e1) in zip(gate_up_b, gate_up_w):
+        kernels.append(_kernel(ctx, "moe_up", "experts", [x_b, route_b, b, down_b[0], hidden, _out(node_id)],
+                               lambda s: (-(-im // 64), slots, s), entry="expert_up", e0=e0, e1=e1,
+                               accumulate="total", **subs))
+    for i, (b, (e0, e1)) in enumerate(zip(down_b, down_w)):
+        kernels.append(_kernel(ctx, "moe_down", "experts", [x_b, route_b, gate_up_b[0], b, hidden, _out(node_id)],
+                               lambda s: (-(-h // 64), min(s, MAX_GROUPS), -(-s // MAX_GROUPS)),
+                               entry="expert_down", e0=e0, e1=e1,
+                               accumulate="total" if i == 0 else "out[s * H + n] + total", **subs))
+    return kernels
 
 
 LOWERINGS = {
