@@ -21,6 +21,29 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def cmd_devices(args) -> int:
+    from .backend.device import list_adapters
+
+    for a in list_adapters():
+        print(f"[{a['index']}] {a['name']}  backend={a['backend']} type={a['type']} "
+              f"features={','.join(a['features']) or '-'}")
+        print("    " + " ".join(f"{k}={v}" for k, v in a["limits"].items()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from .bench import bench
+
+    result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, backend=args.backend)
+    if not args.json:
+        for k, v in result.items():
+            print(f"{k:24s} {v}")
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="meganeura", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,10 +51,19 @@ def main(argv=None) -> int:
     p.add_argument("model", help="checkpoint directory or config.json")
     p.add_argument("--seq-len", type=int, default=None)
     p.set_defaults(func=cmd_graph)
+    p = sub.add_parser("devices", help="list GPU adapters with backend, type, features and limits")
+    p.set_defaults(func=cmd_devices)
+    p = sub.add_parser("bench", help="prefill/decode speed against the device's read ceiling (random ids)")
+    p.add_argument("model", help="checkpoint directory, or a config.json (random bf16 weights)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:           # bad input: config, checkpoint, shapes
+    except (ValueError, OSError, RuntimeError) as e:   # bad input: config, checkpoint, shapes; no device
         print(f"meganeura: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

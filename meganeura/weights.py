@@ -131,6 +131,30 @@ def open_weights(path) -> Checkpoint:
     return Checkpoint(path)
 
 
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 (round to nearest even), as the raw 16 bits."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_safetensors(path, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
+    """Write `name -> (values, stored dtype "f32" | "f16" | "bf16")` as a safetensors file."""
+    encode = {"f32": ("F32", lambda a: a.astype(np.float32)), "f16": ("F16", lambda a: a.astype(np.float16)),
+              "bf16": ("BF16", bf16_bits)}
+    header, offset = {}, 0
+    for name, (arr, dtype) in tensors.items():
+        tag, _ = encode[dtype]
+        nbytes = int(np.prod(np.shape(arr), dtype=np.int64)) * (4 if dtype == "f32" else 2)
+        header[name] = {"dtype": tag, "shape": list(np.shape(arr)), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for arr, dtype in tensors.values():
+            f.write(encode[dtype][1](np.asarray(arr)).tobytes())
+
+
 # ---------------------------------------------------------------- binding a graph's parameters
 
 @dataclass(frozen=True)

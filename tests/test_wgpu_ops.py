@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 import meganeura as mn
 from meganeura.graph import OPS, S
-from wgpu_util import run_both, write_safetensors
+from meganeura.weights import write_safetensors
+from wgpu_util import run_both
 
 EXAMPLES = settings(max_examples=10, deadline=None)
 dims = st.integers(1, 37)

@@ -1,0 +1,132 @@
+"""`meganeura bench`: prefill and decode speed of a model, stated against the device's own ceilings
+measured in the same run. Random token ids; a config without weights gets random bf16 weights."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from .backend.device import open_device
+from .backend.kernels import render
+
+
+def stream_read_gbps(device=None, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """GB/s of a kernel that only reads a large buffer (the bound a weight-streaming decode step can reach)."""
+    import wgpu
+
+    dev = device or open_device()
+    gpu = dev.wgpu_device
+    nbytes = min(nbytes, dev.max_binding) // (256 * 16 * 64) * (256 * 16 * 64)
+    threads = 256 * 64 * 16
+    per = nbytes // 16 // threads
+    u = wgpu.BufferUsage
+    data = gpu.create_buffer(size=nbytes, usage=u.STORAGE | u.COPY_DST)
+    sink = gpu.create_buffer(size=threads * 4, usage=u.STORAGE | u.COPY_SRC)
+    module = gpu.create_shader_module(code=render("stream_read", per_thread=per))
+    pipe = gpu.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+    group = gpu.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=[
+        {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": nbytes}},
+        {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": threads * 4}}])
+
+    def go(n):
+        enc = gpu.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        cp.set_pipeline(pipe)
+        cp.set_bind_group(0, group)
+        for _ in range(n):
+            cp.dispatch_workgroups(threads // 256)
+        cp.end()
+        gpu.queue.submit([enc.finish()])
+        gpu.queue.read_buffer(sink, 0, 16)          # waits for the work
+
+    go(1)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        go(repeats)
+        best = min(best, (time.perf_counter() - t) / repeats)
+    return nbytes / best / 1e9
+
+
+def _random_checkpoint(config_path: str, dest: str, seed: int = 0) -> None:
+    """config.json + random bf16 weights of the right names and shapes."""
+    import json
+    import shutil
+
+    from meganeura.models import registry
+
+    from .graph import Graph
+    from .weights import write_safetensors
+
+    family, cfg = registry.from_hf(config_path)
+    g = Graph()
+    family.build_graph(g, cfg)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, node in g.leaves("parameter").items():
+        shape = g[node].shape
+        if g[node].attrs["parts"] is not None or (g[node].attrs["fallback"] and name == "lm_head.weight"):
+            continue            # tied lm_head reuses the embedding; packed experts are bench-unsupported
+        fan_in = shape[-1] if len(shape) > 1 else 1
+        tensors[name] = ((rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in))
+                         if len(shape) > 1 else 1 + 0.1 * rng.standard_normal(shape, dtype=np.float32), "bf16")
+    write_safetensors(os.path.join(dest, "model.safetensors"), tensors)
+    src = config_path if os.path.isfile(config_path) else os.path.join(config_path, "config.json")
+    shutil.copy(src, os.path.join(dest, "config.json"))
+    json.load(open(os.path.join(dest, "config.json")))
+
+
+def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = "wgpu") -> dict:
+    from .model import load_model
+
+    has_weights = os.path.isdir(model) and any(f.endswith(".safetensors") for f in os.listdir(model))
+    tmp = None
+    if not has_weights:
+        tmp = tempfile.TemporaryDirectory()
+        _random_checkpoint(model, tmp.name)
+        model = tmp.name
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    m = load_model(model, backend=backend)
+    load_s = time.perf_counter() - t
+    vocab = m.config.vocab_size
+    prompt = rng.integers(0, vocab, prompt_len)
+
+    t = time.perf_counter()
+    m.logits(prompt)                                  # first step: pipelines, bind groups, arena
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        m.logits(prompt)
+        times.append(time.perf_counter() - t)
+    prefill_s = min(times)
+
+    # Decode without a KV cache: each new token re-runs the forward over the whole sequence.
+    seq = list(prompt)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        seq.append(int(np.argmax(m.logits(seq)[-1])))
+    decode_s = (time.perf_counter() - t) / new_tokens
+
+    runner = getattr(m.program, "_runner", None)
+    weight_bytes = sum(m.weights.tensors[n].end - m.weights.tensors[n].begin
+                       for n in set(m.weights.tensors)) if runner else 0
+    read = stream_read_gbps() if backend == "wgpu" else float("nan")
+    result = {
+        "model": m.config.model_type, "layers": m.config.num_hidden_layers, "hidden": m.config.hidden_size,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "backend": backend,
+        "device": runner.dev.name if runner else "numpy",
+        "load_s": round(load_s, 3), "compile_s": round(max(0.0, first - prefill_s), 3),
+        "prefill_tokens_per_s": round(prompt_len / prefill_s, 2),
+        "decode_tokens_per_s": round(1 / decode_s, 2), "decode_mode": "full-recompute",
+        "dispatches_per_step": len(runner.dispatches) if runner else None,
+        "bytes_per_decode_step": weight_bytes,
+        "device_read_gbps": round(read, 2),
+        "decode_efficiency": round(weight_bytes / decode_s / (read * 1e9), 4) if runner else None,
+    }
+    if tmp:
+        tmp.cleanup()
+    return result
