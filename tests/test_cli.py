@@ -1,0 +1,32 @@
+"""The command line: summaries on stdout, bad input -> exit 2 with one line on stderr."""
+import json
+import subprocess
+import sys
+
+
+def meganeura(*args):
+    return subprocess.run([sys.executable, "-m", "meganeura.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_graph_from_config_alone(tmp_path):
+    cfg = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = meganeura("graph", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "qwen3: 2 layers" in r.stdout and "attention×2" in r.stdout
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    for args in (["graph", str(tmp_path)], ["graph", str(tmp_path / "missing")]):
+        r = meganeura(*args)
+        assert r.returncode == 2
+        lines = [line for line in r.stderr.splitlines() if not line.startswith("error: XDG")]
+        assert len(lines) == 1 and lines[0].startswith("meganeura: error:"), r.stderr
+
+
+def test_devices_lists_an_adapter():
+    r = meganeura("devices")
+    assert r.returncode == 0 and "backend=" in r.stdout and "max-storage-buffer-binding-size" in r.stdout
