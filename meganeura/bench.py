@@ -52,7 +52,6 @@ def stream_read_gbps(device=None, nbytes: int = 256 << 20, repeats: int = 5) -> 
 
 def _random_checkpoint(config_path: str, dest: str, seed: int = 0) -> None:
     """config.json + random bf16 weights of the right names and shapes."""
-    import json
     import shutil
 
     from meganeura.models import registry
@@ -75,7 +74,6 @@ def _random_checkpoint(config_path: str, dest: str, seed: int = 0) -> None:
     write_safetensors(os.path.join(dest, "model.safetensors"), tensors)
     src = config_path if os.path.isfile(config_path) else os.path.join(config_path, "config.json")
     shutil.copy(src, os.path.join(dest, "config.json"))
-    json.load(open(os.path.join(dest, "config.json")))
 
 
 def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = "wgpu") -> dict:

@@ -152,9 +152,7 @@ def run(graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray
         elif n.op == "parameter":
             values[i] = params[n.attrs["name"]]
         else:
-            args = [values[j] for j in n.inputs]
-            attrs = {k: v for k, v in n.attrs.items()}
-            values[i] = OPS[n.op].meaning(*args, **attrs)
+            values[i] = OPS[n.op].meaning(*(values[j] for j in n.inputs), **n.attrs)
         for j in n.inputs:
             if last_use[j] == i and j not in keep:
                 values.pop(j, None)

@@ -167,13 +167,12 @@ def _index_expr(in_shape, out_shape) -> str:
     if tuple(in_shape) == tuple(out_shape):
         return "i"
     r = len(out_shape)
-    terms, stride = [], []
+    terms = []
     aligned = (1,) * (r - len(in_shape)) + tuple(in_shape)
     stride_expr = "1u"
     for k in range(r - 1, -1, -1):
-        if aligned[k] != 1 or out_shape[k] == 1:
-            if aligned[k] != 1:
-                terms.append(f"c{k} * {stride_expr}")
+        if aligned[k] != 1:
+            terms.append(f"c{k} * {stride_expr}")
         stride_expr = f"({stride_expr} * {dim(aligned[k])})"
     return " + ".join(terms) if terms else "0u"
 
