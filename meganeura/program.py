@@ -32,9 +32,13 @@ class Program:
     def bind(self, weights):
         """Check (and for a GPU, upload) the weights now rather than at the first run."""
         if self._runner is not None:
-            self._runner.bind_weights(weights)
+            self._runner.bind_weights(self._checked(weights))
         else:
             self.params(weights)
+
+    def _checked(self, weights):
+        """A checkpoint as is (the runner checks it against the graph); a dict, validated here first."""
+        return weights if isinstance(weights, Checkpoint) else self.params(weights)
 
     def params(self, weights) -> dict[str, np.ndarray]:
         """float32 values of every parameter, checked against the graph before any math."""
@@ -89,7 +93,7 @@ class Program:
     def run(self, inputs: Mapping[str, object], weights) -> dict[str, np.ndarray]:
         fed, tokens = self.feed(inputs)
         if self._runner is not None:
-            return self._runner.run(fed, tokens, weights)
+            return self._runner.run(fed, tokens, self._checked(weights))
         return reference.run(self.graph, fed, self.params(weights))
 
 
