@@ -23,7 +23,7 @@ class Program:
             raise ValueError("the graph has no outputs: call graph.set_outputs([...]) first")
         self.graph = graph
         self.backend = backend
-        self._bound: tuple[int, dict] | None = None
+        self._bound: tuple[object, dict] | None = None
         self._runner = None
         if backend == "wgpu":
             from .backend.runtime import WgpuRunner
@@ -42,7 +42,7 @@ class Program:
 
     def params(self, weights) -> dict[str, np.ndarray]:
         """float32 values of every parameter, checked against the graph before any math."""
-        if self._bound is not None and self._bound[0] == id(weights):
+        if self._bound is not None and self._bound[0] is weights:      # holding it keeps its identity unique
             return self._bound[1]
         if isinstance(weights, Checkpoint):
             values = {name: load_f32(weights, b) for name, b in plan(self.graph, weights).items()}
@@ -58,7 +58,7 @@ class Program:
                 values[name] = arr
         else:
             raise TypeError("weights must be a Checkpoint (mn.open_weights) or a dict of arrays")
-        self._bound = (id(weights), values)
+        self._bound = (weights, values)
         return values
 
     def feed(self, inputs: Mapping[str, object]) -> tuple[dict[str, np.ndarray], int]:

@@ -55,7 +55,7 @@ class WgpuRunner:
         self.graph = graph
         self.dev = device or open_device()
         self.gpu = self.dev.wgpu_device
-        self.weights_id = None
+        self.weights = None
         self.params: dict[str, WeightBuffers] = {}
         self.kernels: dict[int, list[Kernel]] = {}
         self.arena: ArenaPlan | None = None
@@ -66,7 +66,7 @@ class WgpuRunner:
 
     # -- weights
     def bind_weights(self, weights):
-        if self.weights_id == id(weights):
+        if self.weights is weights:               # holding it keeps its identity unique
             return
         if isinstance(weights, Checkpoint):
             bindings = plan_weights(self.graph, weights)
@@ -78,7 +78,7 @@ class WgpuRunner:
         else:
             self.params = {name: self._upload_array(np.asarray(weights[name], dtype=np.float32))
                            for name in self.graph.leaves("parameter")}
-        self.weights_id = id(weights)
+        self.weights = weights
         self._lower()
 
     def _windows(self, shape, itemsize: int) -> list[tuple[int, int]]:
