@@ -92,10 +92,7 @@ def open_device(choice: str | None = None, max_binding: int | None = None,
         adapter = matches[0]
     features = [f for f in ("shader-f16", "subgroup", "timestamp-query")
                 if f in adapter.features and f not in disable]
-    limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
-                                             "max-compute-workgroup-storage-size",
-                                             "max-compute-invocations-per-workgroup",
-                                             "max-storage-buffers-per-shader-stage") if k in adapter.limits}
+    limits = {k: adapter.limits[k] for k in LIMITS if k.startswith("max-") and k in adapter.limits}
     dev = adapter.request_device_sync(required_features=features, required_limits=limits)
     binding = min(limits["max-storage-buffer-binding-size"], limits["max-buffer-size"])
     device = Device(dev, adapter.info.get("device", "?"), adapter.info.get("backend_type", "?"),

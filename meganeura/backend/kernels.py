@@ -160,6 +160,12 @@ def _out(node_id) -> Binding:
     return Binding("out", Ref("node", node_id), "f32", write=True)
 
 
+def _elementwise(ctx, label: str, node: Node, bindings: list[Binding], body: str, prelude: str = "") -> Kernel:
+    """A pointwise-template kernel: one invocation per element of `node`'s output."""
+    return _kernel(ctx, label, "pointwise", bindings, lambda s: grid_1d(numel_at(node.shape, s)),
+                   prelude=prelude, total=numel(node.shape), body=body)
+
+
 # ---------------------------------------------------------------- pointwise
 
 def _index_expr(in_shape, out_shape) -> str:
@@ -204,9 +210,7 @@ def _pointwise(ctx, node_id, node: Node) -> list[Kernel]:
     expr = POINTWISE_EXPR[node.op].format(**{k: lit(v) for k, v in node.attrs.items()
                                              if isinstance(v, float)})
     body = "\n".join([_coords(out_shape)] + loads + [f"    out[i] = {expr};"])
-    bindings = ins + [_out(node_id)]
-    return [_kernel(ctx, node.op, "pointwise", bindings, lambda s: grid_1d(numel_at(out_shape, s)),
-                    prelude=TANH if "tanh_" in expr else "", total=numel(out_shape), body=body)]
+    return [_elementwise(ctx, node.op, node, ins + [_out(node_id)], body, prelude=TANH if "tanh_" in expr else "")]
 
 
 def _slice(ctx, node_id, node: Node) -> list[Kernel]:
@@ -219,9 +223,7 @@ def _slice(ctx, node_id, node: Node) -> list[Kernel]:
         terms.append(f"{c} * {stride}")
         stride = f"({stride} * {dim(x.shape[k])})"
     body = "\n".join([_coords(node.shape), f"    out[i] = load_in_a({' + '.join(terms)});"])
-    bindings = [ctx.value(node.inputs[0], "in_a"), _out(node_id)]
-    return [_kernel(ctx, "slice", "pointwise", bindings, lambda s: grid_1d(numel_at(node.shape, s)),
-                    total=numel(node.shape), body=body)]
+    return [_elementwise(ctx, "slice", node, [ctx.value(node.inputs[0], "in_a"), _out(node_id)], body)]
 
 
 def _rope(ctx, node_id, node: Node) -> list[Kernel]:
@@ -237,8 +239,7 @@ def _rope(ctx, node_id, node: Node) -> list[Kernel]:
     out[i] = load_in_a(i) * cs + rotated * sn;"""
     bindings = [ctx.value(node.inputs[0], "in_a"), Binding("table", Ref("rope", ctx.rope_key(node)), "f32"),
                 _out(node_id)]
-    return [_kernel(ctx, "rope", "pointwise", bindings, lambda s: grid_1d(numel_at(node.shape, s)),
-                    total=numel(node.shape), body=body)]
+    return [_elementwise(ctx, "rope", node, bindings, body)]
 
 
 # ---------------------------------------------------------------- row reductions
@@ -326,7 +327,7 @@ def _matmul(ctx, node_id, node: Node) -> list[Kernel]:
     kernels = []
     for i, (r0, r1) in enumerate(windows):
         n = r1 - r0 if t else n_total
-        load_b = f"load_w((nb) * K + kb)" if t else f"load_w(kb * N + nb)"
+        load_b = "load_w(nb * K + kb)" if t else "load_w(kb * N + nb)"
         bindings = [ctx.value(node.inputs[0], "a"), w_binding(i), _out(node_id)]
 
         def grid(s, n=n):

@@ -19,9 +19,13 @@ def base_of(graph: Graph, node_id: int) -> int:
     return node_id
 
 
+def padded(nbytes: int) -> int:
+    """Buffer and copy sizes: a multiple of 16 bytes, never zero."""
+    return max(16, -(-nbytes // 16) * 16)
+
+
 def value_bytes(graph: Graph, node_id: int, tokens: int) -> int:
-    node = graph[node_id]
-    return max(16, -(-numel_at(node.shape, tokens) * 4 // 16) * 16)
+    return padded(numel_at(graph[node_id].shape, tokens) * 4)
 
 
 @dataclass
@@ -30,10 +34,6 @@ class ArenaPlan:
     slot_sizes: list[int] = field(default_factory=list)
     value_slot: dict[int, int] = field(default_factory=dict)      # base node -> slot
     scratch_slot: dict[int, int] = field(default_factory=dict)    # node with scratch -> slot
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.slot_sizes)
 
 
 def plan_arena(graph: Graph, kernels: dict[int, list[Kernel]], capacity: int) -> ArenaPlan:
@@ -61,7 +61,7 @@ def plan_arena(graph: Graph, kernels: dict[int, list[Kernel]], capacity: int) ->
         plan.value_slot[i] = take(value_bytes(graph, i, capacity))
         scratch = [b.ref for k in kernels.get(i, []) for b in k.bindings if b.ref.kind == "scratch"]
         if scratch:
-            plan.scratch_slot[i] = take(max(16, scratch[0].window * capacity))   # window: bytes per token
+            plan.scratch_slot[i] = take(padded(scratch[0].window * capacity))   # window: bytes per token
             free.append(plan.scratch_slot[i])
         for j in {base_of(graph, j) for j in node.inputs}:
             if last_use.get(j) == i and j in plan.value_slot and j not in pinned:

@@ -10,10 +10,10 @@ import numpy as np
 
 from .. import reference
 from ..graph import Graph, Node
-from ..weights import Binding as WeightBinding, Checkpoint, plan as plan_weights, to_f32
+from ..weights import Binding as WeightBinding, Checkpoint, load_f32, plan as plan_weights
 from .device import Device, open_device
 from .kernels import Context, Kernel, Ref, lower, numel_at
-from .plan import ArenaPlan, base_of, plan_arena
+from .plan import ArenaPlan, base_of, padded, plan_arena
 
 STORED = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 CHUNK = 32 << 20          # upload granularity: bounds the host memory an upload needs beyond the mmap
@@ -24,10 +24,6 @@ class WeightBuffers:
     dtype: str                              # f32 / bf16 / f16 as stored on the GPU
     windows: list[tuple[int, int]]          # row ranges along axis 0, one buffer each
     buffers: list
-
-
-def _round4(n: int) -> int:
-    return max(16, -(-n // 16) * 16)
 
 
 class _Progress:
@@ -95,7 +91,7 @@ class WgpuRunner:
 
     def _new_buffer(self, nbytes: int):
         u = self.wgpu.BufferUsage
-        return self.gpu.create_buffer(size=_round4(nbytes), usage=u.STORAGE | u.COPY_DST | u.COPY_SRC)
+        return self.gpu.create_buffer(size=padded(nbytes), usage=u.STORAGE | u.COPY_DST | u.COPY_SRC)
 
     def _write(self, buf, offset: int, data: np.ndarray, progress=None):
         flat = data.reshape(-1).view(np.uint8)
@@ -122,7 +118,6 @@ class WgpuRunner:
         tags = {ckpt.tensors[n].dtype for g in b.parts for n in g}
         if len(tags) != 1 or next(iter(tags)) not in STORED:
             # Mixed or unusual dtypes (e.g. F64) are widened to f32 on the host once.
-            from ..weights import load_f32
             return self._upload_array(load_f32(ckpt, b))
         tag = next(iter(tags))
         dtype, itemsize = STORED[tag], (4 if tag == "F32" else 2)
@@ -180,7 +175,7 @@ class WgpuRunner:
         self.slots = [self.gpu.create_buffer(size=s, usage=u.STORAGE | u.COPY_DST | u.COPY_SRC)
                       for s in self.arena.slot_sizes]
         self.step = self.gpu.create_buffer(size=16, usage=u.UNIFORM | u.COPY_DST)
-        self.rope_buffers = {key: self.gpu.create_buffer(size=_round4(capacity * len(inv) * 8),
+        self.rope_buffers = {key: self.gpu.create_buffer(size=padded(capacity * len(inv) * 8),
                                                          usage=u.STORAGE | u.COPY_DST)
                              for (inv, _), key in self.rope_tables.items()}
         self.dispatches = []
@@ -233,12 +228,12 @@ class WgpuRunner:
         sizes = {o: numel_at(self.graph[o].shape, tokens) * 4 for o in self.graph.outputs}
         for o, staging in self.staging.items():
             src = self.slots[self.arena.value_slot[base_of(self.graph, o)]]
-            enc.copy_buffer_to_buffer(src, 0, staging, 0, _round4(sizes[o]))
+            enc.copy_buffer_to_buffer(src, 0, staging, 0, padded(sizes[o]))
         q.submit([enc.finish()])
         out = {}
         for o, staging in self.staging.items():
             staging.map_sync(self.wgpu.MapMode.READ)
-            data = np.frombuffer(staging.read_mapped(0, _round4(sizes[o])), np.float32)[:sizes[o] // 4]
+            data = np.frombuffer(staging.read_mapped(0, padded(sizes[o])), np.float32)[:sizes[o] // 4]
             staging.unmap()
             shape = tuple(tokens if d == "S" else d for d in self.graph[o].shape)
             out[self.graph.names[o]] = data.reshape(shape).copy()
