@@ -163,6 +163,72 @@ def _slice(ins, a):
     return x.shape[:axis] + (stop - start,) + x.shape[axis + 1:], x.dtype
 
 
+def _linear(ins, a):
+    x, w = ins[0], ins[1]
+    _float(x, "linear input")
+    _float(w, "linear weight")
+    if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
+        _fail(f"linear wants x[..., K] and w[N, K], got {x.shape} and {w.shape}")
+    n = w.shape[0]
+    if a["act"] is not None:
+        if n % 2:
+            _fail(f"a gated linear needs an even number of weight rows [gate; up], got {n}")
+        n //= 2
+    extra = list(ins[2:])
+    if a["norm"] == "weighted" and extra.pop(0).shape != (x.shape[-1],):
+        _fail("norm weight does not match the input width")
+    if a["bias"] and extra.pop(0).shape != (w.shape[0],):
+        _fail(f"bias does not match the {w.shape[0]} weight rows")
+    shape = x.shape[:-1] + (n,)
+    if a["residual"] and extra.pop(0).shape != shape:
+        _fail(f"residual does not match the output {shape}")
+    if extra:
+        _fail(f"{len(extra)} inputs more than the attrs announce")
+    return shape, "f32"
+
+
+def _glu(ins, a):
+    if ins[0].shape != ins[1].shape:
+        _fail(f"gate {ins[0].shape} and up {ins[1].shape} differ")
+    return _elementwise(ins, a)
+
+
+def _row_width(node: Node) -> Dim:
+    """Elements per token of a [tokens, ...] tensor."""
+    return _numel(node.shape[1:])[0] if _numel(node.shape[1:])[1] == 0 else S
+
+
+def _fused_attention(ins, a):
+    q, k, v = ins[:3]
+    for n in ins[:3]:
+        _float(n, "attention operand")
+    nh, nkv, d = a["heads"], a["kv_heads"], a["head_dim"]
+    if nh % nkv or k.shape[0] != v.shape[0]:
+        _fail(f"{nh} heads do not fit {nkv} kv heads, or k and v differ in length")
+    for node, at, heads in ((q, a["q_at"], nh), (k, a["k_at"], nkv), (v, a["v_at"], nkv)):
+        width = _row_width(node)
+        if width == S or at + heads * d > width:
+            _fail(f"{heads} heads of {d} at column {at} do not fit a row of {node.shape}")
+    want = 3 + bin(a["norms"] & 3).count("1") + (1 if a["rope"] is not None else 0)
+    if len(ins) != want:
+        _fail(f"expected {want} inputs for norms={a['norms']} rope={a['rope'] is not None}, got {len(ins)}")
+    if a["rope"] is not None and (len(a["rope"][0]) * 2 != d or ins[-1].shape != ()):
+        _fail("rope table does not cover head_dim, or position not a scalar")
+    return (q.shape[0], nh, d), "f32"
+
+
+def _add_norm(ins, a):
+    h, y = ins[0], ins[1]
+    if h.shape != y.shape:
+        _fail(f"residual {h.shape} and normed value {y.shape} differ")
+    extra = list(ins[2:])
+    if a["weighted"] and extra.pop(0).shape != (y.shape[-1],):
+        _fail("norm weight does not match the row width")
+    if a["scaled"] and extra.pop(0).shape != (1,):
+        _fail("the scale must be a [1] tensor")
+    return h.shape, "f32"
+
+
 def _topk_route(ins, a):
     p = ins[0]
     _float(p, "router probabilities")
@@ -206,6 +272,7 @@ OPS: dict[str, OpDef] = {
     "silu":       OpDef(_unary, R.silu, "pointwise"),
     "gelu_tanh":  OpDef(_unary, R.gelu_tanh, "pointwise"),
     "softcap":    OpDef(_unary, R.softcap, "pointwise"),
+    "sigmoid":    OpDef(_unary, R.sigmoid, "pointwise"),
     "rope":       OpDef(_rope, R.rope, "pointwise"),
     # row reductions
     "rms_norm":   OpDef(_rms_norm, R.rms_norm, "rowreduce"),
@@ -213,6 +280,11 @@ OPS: dict[str, OpDef] = {
     "topk_route": OpDef(_topk_route, R.topk_route, "rowreduce"),
     # attention
     "attention":  OpDef(_attention, R.attention, "attention"),
+    # fused ops: only the optimizer makes these (meganeura/optimize/rules.py says when)
+    "glu":             OpDef(_glu, R.glu, "pointwise"),
+    "linear":          OpDef(_linear, R.linear, "gemm"),
+    "fused_attention": OpDef(_fused_attention, R.fused_attention, "attention"),
+    "add_norm":        OpDef(_add_norm, R.add_norm, "rowreduce"),
     # views
     "reshape":    OpDef(_reshape, R.reshape, "view"),
     "slice":      OpDef(_slice, R.slice_, "copy"),
@@ -278,12 +350,15 @@ class Graph:
     def input(self, name: str, shape: Shape, dtype: str = "f32", default=None) -> int:
         return self.add_node("input", name=name, shape=tuple(shape), dtype=dtype, default=default)
 
-    def parameter(self, name: str, shape: Shape, *, fallback: str | None = None, parts=None) -> int:
+    def parameter(self, name: str, shape: Shape, *, fallback: str | None = None, parts=None,
+                  packed=None, dtype: str = "f32") -> int:
         """A checkpoint tensor. `fallback` names the tensor to use if `name` is absent (tied weights);
         `parts` lists on-disk tensors stacked along a new axis 0, each a list concatenated along
-        its axis 0 (experts saved one file entry each)."""
-        return self.add_node("parameter", name=name, shape=tuple(shape), dtype="f32",
-                             fallback=fallback, parts=parts)
+        its axis 0 (experts saved one file entry each); `packed` lists (name, fallback) pairs of tensors
+        concatenated along axis 0 (the optimizer's fused Q|K|V and gate|up weights, packed once at load).
+        `dtype` is the type the graph may assume it is stored in (packing needs equal ones)."""
+        return self.add_node("parameter", name=name, shape=tuple(shape), dtype=dtype,
+                             fallback=fallback, parts=parts, packed=packed)
 
     def embedding(self, table: int, ids: int) -> int:
         return self.add_node("embedding", (table, ids))
@@ -317,6 +392,9 @@ class Graph:
     def rms_norm(self, x: int, w: int | None, eps: float) -> int:
         return self.add_node("rms_norm", (x,) if w is None else (x, w), eps=float(eps))
 
+    def sigmoid(self, x: int) -> int:
+        return self.add_node("sigmoid", (x,))
+
     def softmax(self, x: int) -> int:
         return self.add_node("softmax", (x,))
 
@@ -345,6 +423,39 @@ class Graph:
         each token routes to at most `k` experts (the non-zero entries of its `route` row)."""
         return self.add_node("moe", (x, route, gate_up, down), act=act, k=int(k))
 
+    # -- fused ops (made by the optimizer; usable directly)
+    def glu(self, gate: int, up: int, act: str) -> int:
+        """act(gate) * up: SwiGLU (act="silu") and GeGLU (act="gelu_tanh")."""
+        return self.add_node("glu", (gate, up), act=act)
+
+    def fused_linear(self, x: int, w: int, *, norm: str | None = None, norm_w: int | None = None,
+                     eps: float = 0.0, bias: int | None = None, act: str | None = None,
+                     softcap: float | None = None, residual: int | None = None) -> int:
+        """One GEMM with everything around it: y = rms_norm(x) @ w.T + bias (norm: None, "weighted",
+        "unit"); act gates it (w holds [gate; up] rows: act(y_gate) * y_up); then softcap; then + residual."""
+        ins = (x, w) + tuple(i for i in (norm_w, bias, residual) if i is not None)
+        return self.add_node("linear", ins, norm=norm, eps=float(eps), bias=bias is not None, act=act,
+                             softcap=None if softcap is None else float(softcap), residual=residual is not None)
+
+    def fused_attention(self, q: int, k: int, v: int, *, heads: int, kv_heads: int, head_dim: int,
+                        q_at: int = 0, k_at: int = 0, v_at: int = 0, norms: int = 0, q_norm_w: int | None = None,
+                        k_norm_w: int | None = None, eps: float = 0.0, pos: int | None = None, rope=None,
+                        scale: float = 1.0, window: int | None = None, softcap: float | None = None) -> int:
+        """Attention that reads its heads straight from projection outputs: head h of q is the `head_dim`
+        columns at q_at + h*head_dim of each token's row (likewise k, v), so one packed Q|K|V tensor
+        serves all three. On load: RMS-norm q (norms bit 1, weight q_norm_w), k (bit 2, k_norm_w),
+        v (bit 4, no weight); then RoPE q and k by `rope` = (inv_freq, attention_scaling) at `pos`."""
+        ins = (q, k, v) + tuple(i for i in (q_norm_w, k_norm_w, pos) if i is not None)
+        rope = None if rope is None else (tuple(float(f) for f in rope[0]), float(rope[1]))
+        return self.add_node("fused_attention", ins, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                             q_at=q_at, k_at=k_at, v_at=v_at, norms=int(norms), eps=float(eps), rope=rope,
+                             scale=float(scale), window=window, softcap=softcap)
+
+    def add_norm(self, h: int, y: int, w: int | None, eps: float, scale_by: int | None = None) -> int:
+        """(h + rms_norm(y, w)) * scale_by: a post-norm residual add, optionally with a [1] layer scalar."""
+        ins = (h, y) + tuple(i for i in (w, scale_by) if i is not None)
+        return self.add_node("add_norm", ins, eps=float(eps), weighted=w is not None, scaled=scale_by is not None)
+
     # -- reading
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -355,7 +466,7 @@ class Graph:
     def to_text(self) -> str:
         lines = []
         for i, n in enumerate(self.nodes):
-            attrs = {k: v for k, v in n.attrs.items() if v is not None and k != "inv_freq"}
+            attrs = {k: v for k, v in n.attrs.items() if v is not None and k not in ("inv_freq", "rope")}
             args = ", ".join(f"%{j}" for j in n.inputs)
             lines.append(f"%{i} = {n.op}({args}) {attrs} : {n.shape} {n.dtype}")
         return "\n".join(lines)

@@ -47,6 +47,10 @@ def gelu_tanh(x):
     return (f32(0.5) * x * (f32(1) + np.tanh(c * (x + f32(0.044715) * x * x * x)))).astype(f32, copy=False)
 
 
+def sigmoid(x):
+    return (f32(1) / (f32(1) + np.exp(-x))).astype(f32, copy=False)
+
+
 def softcap(x, cap):
     return (f32(cap) * np.tanh(x / f32(cap))).astype(f32, copy=False)
 
@@ -120,6 +124,56 @@ def topk_route(p, *, k, normalize):
 
 
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+# ---------------------------------------------------------------- fused ops: compositions of the above
+
+def glu(g, u, *, act):
+    return mul(ACTIVATIONS[act](g), u)
+
+
+def linear(x, w, *extra, norm, eps, bias, act, softcap, residual):
+    extra = list(extra)
+    if norm is not None:
+        x = rms_norm(x, extra.pop(0) if norm == "weighted" else None, eps=eps)
+    y = matmul(x, w, transpose_b=True)
+    if bias:
+        y = add(y, extra.pop(0))
+    if act is not None:
+        half = y.shape[-1] // 2
+        y = glu(y[..., :half], y[..., half:], act=act)
+    if softcap is not None:
+        y = globals()["softcap"](y, softcap)
+    if residual:
+        y = add(y, extra.pop(0))
+    return y
+
+
+def fused_attention(q, k, v, *extra, heads, kv_heads, head_dim, q_at, k_at, v_at, norms, eps, rope,
+                    scale, window, softcap):
+    extra = list(extra)
+
+    def heads_of(t, at, n):
+        return t.reshape(t.shape[0], -1)[:, at:at + n * head_dim].reshape(t.shape[0], n, head_dim)
+
+    q, k, v = heads_of(q, q_at, heads), heads_of(k, k_at, kv_heads), heads_of(v, v_at, kv_heads)
+    if norms & 1:
+        q = rms_norm(q, extra.pop(0), eps=eps)
+    if norms & 2:
+        k = rms_norm(k, extra.pop(0), eps=eps)
+    if norms & 4:
+        v = rms_norm(v, None, eps=eps)
+    if rope is not None:
+        start = extra.pop(0)
+        q = globals()["rope"](q, start, inv_freq=rope[0], attention_scaling=rope[1])
+        k = globals()["rope"](k, start, inv_freq=rope[0], attention_scaling=rope[1])
+    return attention(q, k, v, scale=scale, window=window, softcap=softcap)
+
+
+def add_norm(h, y, *extra, eps, weighted, scaled):
+    extra = list(extra)
+    out = add(h, rms_norm(y, extra.pop(0) if weighted else None, eps=eps))
+    return mul(out, extra.pop(0)) if scaled else out
 
 
 def moe(x, route, gate_up, down, *, act, k):
