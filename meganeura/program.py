@@ -7,7 +7,7 @@ import numpy as np
 
 from . import reference
 from .graph import Graph, INT_DTYPES, S
-from .weights import Checkpoint, load_f32, plan
+from .weights import Checkpoint, from_dict, load_f32, plan
 
 BACKENDS = ("wgpu", "numpy")
 NP_DTYPES = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
@@ -47,15 +47,7 @@ class Program:
         if isinstance(weights, Checkpoint):
             values = {name: load_f32(weights, b) for name, b in plan(self.graph, weights).items()}
         elif isinstance(weights, Mapping):
-            values = {}
-            for name, node in self.graph.leaves("parameter").items():
-                if name not in weights:
-                    raise ValueError(f"missing weight {name}")
-                arr = np.asarray(weights[name], dtype=np.float32)
-                if arr.shape != self.graph[node].shape:
-                    raise ValueError(f"weight {name} has shape {list(arr.shape)}, "
-                                     f"expected {list(self.graph[node].shape)}")
-                values[name] = arr
+            values = from_dict(self.graph, weights)
         else:
             raise TypeError("weights must be a Checkpoint (mn.open_weights) or a dict of arrays")
         self._bound = (weights, values)

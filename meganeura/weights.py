@@ -159,16 +159,62 @@ def write_safetensors(path, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
 
 @dataclass(frozen=True)
 class Binding:
-    """Where one parameter's value comes from: a stored tensor, or parts stacked/concatenated."""
+    """Where one parameter's value comes from: one stored tensor, stored tensors concatenated along axis 0
+    (a packed parameter: one group of several parts), or groups stacked on a new axis 0 (experts)."""
     param: str
     shape: tuple[int, ...]
-    parts: tuple[tuple[str, ...], ...]      # outer: stacked on a new axis 0 (or one entry: no stack)
-    stacked: bool
+    parts: tuple[tuple[str, ...], ...]      # outer: stacked on a new axis 0 (or one entry: no stack);
+    stacked: bool                           # inner: concatenated along axis 0
+
+
+def _shape(shape) -> list:
+    return [int(d) for d in shape]
+
+
+def _join_problem(names, shapes, want, one: str = "", many: str = "") -> str | None:
+    """Why tensors `names` of `shapes` do not concatenate along axis 0 to `want` (None if they do);
+    `one` / `many` prefix the message about one tensor / all of them."""
+    want = tuple(want)
+    if not want:
+        return f"{many}{', '.join(names)} cannot be packed into a scalar"
+    for name, s in zip(names, shapes):
+        if len(s) != len(want) or tuple(s[1:]) != want[1:]:
+            expected = [int(s[0]) if s else "?"] + _shape(want[1:])
+            return f"{one}{name} has shape {_shape(s)}, expected {expected}"
+    if sum(s[0] for s in shapes) != want[0]:
+        return (f"{many}{', '.join(names)} have shapes {[_shape(s) for s in shapes]}, "
+                f"expected together {_shape(want)}")
+    return None
+
+
+def _packed_members(a) -> tuple[tuple[str, str | None], ...] | None:
+    packed = a.get("packed")
+    return None if not packed else tuple((m[0], m[1]) for m in packed)
 
 
 def _plan_one(ckpt: Checkpoint, node, problems: list[str]) -> Binding | None:
     a = node.attrs
     shape = tuple(node.shape)
+    members = _packed_members(a)
+    if members is not None:
+        stored, ok = [], True
+        for name, fallback in members:
+            s = ckpt.resolve(name) or (fallback and ckpt.resolve(fallback))
+            if s is None:
+                problems.append(f"missing {name} (packed into {a['name']} {list(shape)})")
+                ok = False
+            elif ckpt.tensors[s].dtype not in FLOAT_TAGS:
+                problems.append(f"{s} has dtype {ckpt.tensors[s].dtype}, expected a float type")
+                ok = False
+            else:
+                stored.append(s)
+        if not ok:
+            return None
+        why = _join_problem(stored, [ckpt.tensors[s].shape for s in stored], shape)
+        if why:
+            problems.append(why)
+            return None
+        return Binding(a["name"], shape, (tuple(stored),), stacked=False)
     if a["parts"] is None:
         stored = ckpt.resolve(a["name"]) or (a["fallback"] and ckpt.resolve(a["fallback"]))
         if stored is None:
@@ -224,5 +270,41 @@ def plan(graph, ckpt: Checkpoint) -> dict[str, Binding]:
 def load_f32(ckpt: Checkpoint, b: Binding) -> np.ndarray:
     """The parameter's value as float32 (packing stacked/concatenated parts)."""
     if not b.stacked:
-        return ckpt.f32(b.parts[0][0]).reshape(b.shape)
+        (group,) = b.parts
+        if len(group) == 1:
+            return ckpt.f32(group[0]).reshape(b.shape)
+        return np.concatenate([ckpt.f32(n) for n in group], axis=0).reshape(b.shape)
     return np.stack([np.concatenate([ckpt.f32(n) for n in group], axis=0) for group in b.parts])
+
+
+def from_dict(graph, weights) -> dict[str, np.ndarray]:
+    """float32 values of every parameter of `graph` from a dict of arrays, checked before any math.
+
+    A packed parameter is taken as is if the dict holds its own name (e.g. values a Program produced),
+    else concatenated along axis 0 from its members (each its name, else its fallback), once, here."""
+    values = {}
+    for node in graph.nodes:
+        if node.op != "parameter" or node.attrs["name"] in values:
+            continue
+        name, shape = node.attrs["name"], tuple(node.shape)
+        members = _packed_members(node.attrs)
+        if members is None or name in weights:
+            if name not in weights:
+                raise ValueError(f"missing weight {name}")
+            arr = np.asarray(weights[name], dtype=np.float32)
+            if arr.shape != shape:
+                raise ValueError(f"weight {name} has shape {list(arr.shape)}, expected {list(shape)}")
+            values[name] = arr
+            continue
+        names, arrs = [], []
+        for member, fallback in members:
+            key = member if member in weights or fallback is None or fallback not in weights else fallback
+            if key not in weights:
+                raise ValueError(f"missing weight {member}")
+            names.append(key)
+            arrs.append(np.asarray(weights[key], dtype=np.float32))
+        why = _join_problem(names, [a.shape for a in arrs], shape, one="weight ", many="weights ")
+        if why:
+            raise ValueError(why)
+        values[name] = np.concatenate(arrs, axis=0)
+    return values

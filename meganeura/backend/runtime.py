@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import reference
 from ..graph import Graph, Node
-from ..weights import Binding as WeightBinding, Checkpoint, load_f32, plan as plan_weights
+from ..weights import Binding as WeightBinding, Checkpoint, from_dict, load_f32, plan as plan_weights
 from .device import Device, open_device
 from .kernels import Context, Kernel, Ref, lower, numel_at
 from .plan import ArenaPlan, base_of, padded, plan_arena
@@ -43,6 +43,36 @@ class _Progress:
             print(file=sys.stderr)
 
 
+class _Stream:
+    """Bytes appended in order to one buffer from offset 0. Whole 4-byte words go straight from the source
+    (an mmap view) to the queue; a part ending mid-word leaves its last bytes to be joined with the next."""
+
+    def __init__(self, runner, buf, progress):
+        self.runner, self.buf, self.progress = runner, buf, progress
+        self.offset = 0                         # always a multiple of 4; `tail` waits to be written there
+        self.tail = np.zeros(0, np.uint8)
+
+    def put(self, data: np.ndarray):
+        if self.tail.size:
+            need = 4 - self.tail.size
+            self.tail = np.concatenate([self.tail, data[:need]])
+            data = data[need:]
+            if self.tail.size < 4:
+                return
+            self.runner._write(self.buf, self.offset, self.tail, self.progress)
+            self.offset += 4
+            self.tail = np.zeros(0, np.uint8)
+        whole = data.size - data.size % 4
+        if whole:
+            self.runner._write(self.buf, self.offset, data[:whole], self.progress)
+            self.offset += whole
+        self.tail = np.array(data[whole:])
+
+    def close(self):
+        if self.tail.size:
+            self.runner._write(self.buf, self.offset, self.tail, self.progress)     # padded to a word
+
+
 class WgpuRunner:
     def __init__(self, graph: Graph, device: Device | None = None):
         import wgpu
@@ -72,8 +102,7 @@ class WgpuRunner:
             self.params = {name: self._upload_checkpoint(weights, b, progress) for name, b in bindings.items()}
             progress.close()
         else:
-            self.params = {name: self._upload_array(np.asarray(weights[name], dtype=np.float32))
-                           for name in self.graph.leaves("parameter")}
+            self.params = {name: self._upload_array(arr) for name, arr in from_dict(self.graph, weights).items()}
         self.weights = weights
         self._lower()
 
@@ -124,19 +153,25 @@ class WgpuRunner:
         shape = b.shape if b.shape else (1,)
         windows = self._windows(shape, itemsize)
         row_bytes = (int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1) * itemsize
+        # The weight is the byte stream of its parts in order (stacked: each row's group, packed: the one
+        # group, else the one tensor); each window gets the slice [r0 * row_bytes, r1 * row_bytes) of it,
+        # read from the mmap piece by piece, so a window may begin or end inside a part.
+        parts, at = [], 0
+        for name in (n for g in b.parts for n in g):
+            t = ckpt.tensors[name]
+            parts.append((at, name))
+            at += t.end - t.begin
         bufs = []
         for r0, r1 in windows:
-            buf = self._new_buffer((r1 - r0) * row_bytes)
-            if not b.stacked:
-                raw = ckpt.raw(b.parts[0][0]).reshape(shape)
-                self._write(buf, 0, raw[r0:r1], progress)
-            else:
-                for row in range(r0, r1):
-                    offset = (row - r0) * row_bytes
-                    for name in b.parts[row]:
-                        raw = ckpt.raw(name)
-                        self._write(buf, offset, raw, progress)
-                        offset += raw.nbytes
+            lo, hi = r0 * row_bytes, r1 * row_bytes
+            buf = self._new_buffer(hi - lo)
+            out = _Stream(self, buf, progress)
+            for p0, name in parts:
+                data = ckpt.raw(name).reshape(-1).view(np.uint8)
+                a, z = max(lo, p0), min(hi, p0 + data.size)
+                if a < z:
+                    out.put(data[a - p0:z - p0])
+            out.close()
             bufs.append(buf)
         return WeightBuffers(dtype, windows, bufs)
 
