@@ -76,6 +76,12 @@ def _random_checkpoint(config_path: str, dest: str, seed: int = 0) -> None:
     shutil.copy(src, os.path.join(dest, "config.json"))
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = "wgpu") -> dict:
     from .model import load_model
 
@@ -113,6 +119,16 @@ def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = 
     weight_bytes = sum(m.weights.tensors[n].end - m.weights.tensors[n].begin
                        for n in set(m.weights.tensors)) if runner else 0
     read = stream_read_gbps() if backend == "wgpu" else float("nan")
+
+    # The optimizer's worth: the same steps on the unoptimized graph, timed in this run.
+    plain = load_model(model, backend=backend, optimize=False)
+    one = prompt[:1]
+    step_time = {}
+    for name, mm in (("plain", plain), ("optimized", m)):
+        mm.logits(one)
+        step_time[name] = min(_timed(lambda: mm.logits(one)) for _ in range(5))
+        step_time[name + "_prefill"] = min(_timed(lambda: mm.logits(prompt)) for _ in range(3))
+    plain_runner = getattr(plain.program, "_runner", None)
     result = {
         "model": m.config.model_type, "layers": m.config.num_hidden_layers, "hidden": m.config.hidden_size,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "backend": backend,
@@ -121,6 +137,9 @@ def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = 
         "prefill_tokens_per_s": round(prompt_len / prefill_s, 2),
         "decode_tokens_per_s": round(1 / decode_s, 2), "decode_mode": "full-recompute",
         "dispatches_per_step": len(runner.dispatches) if runner else None,
+        "dispatches_per_step_unoptimized": len(plain_runner.dispatches) if plain_runner else None,
+        "opt_speedup": round(step_time["plain"] / step_time["optimized"], 3),
+        "opt_speedup_prefill": round(step_time["plain_prefill"] / step_time["optimized_prefill"], 3),
         "bytes_per_decode_step": weight_bytes,
         "device_read_gbps": round(read, 2),
         "decode_efficiency": round(weight_bytes / decode_s / (read * 1e9), 4) if runner else None,

@@ -18,6 +18,17 @@ def cmd_graph(args) -> int:
     print(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
     print(f"graph: {len(g)} nodes, {params} parameters, {kernels} compute ops")
     print(f"ops: {g.summary()}")
+    if args.no_optimize:
+        return 0
+    from .optimize import optimize
+    from .optimize.dump import dump, report_text
+
+    opt = optimize(g, keep=args.dump_egraph is not None)
+    print(f"optimized ops: {opt.graph.summary()}")
+    print(report_text(opt), end="")
+    if args.dump_egraph:
+        dump(opt, args.dump_egraph)
+        print(f"e-graph, programs, graphs and report written to {args.dump_egraph}")
     return 0
 
 
@@ -47,9 +58,11 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="meganeura", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("graph", help="build a model's graph from its config.json and print a summary")
+    p = sub.add_parser("graph", help="build and optimize a model's graph from its config.json; print a summary")
     p.add_argument("model", help="checkpoint directory or config.json")
     p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--dump-egraph", metavar="DIR", help="write the e-graphs, egglog programs, graphs and report")
+    p.add_argument("--no-optimize", action="store_true", help="only build the graph")
     p.set_defaults(func=cmd_graph)
     p = sub.add_parser("devices", help="list GPU adapters with backend, type, features and limits")
     p.set_defaults(func=cmd_devices)

@@ -464,9 +464,17 @@ class Graph:
         return ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
 
     def to_text(self) -> str:
+        """One line per node: `%i = op(%inputs) attrs : shape dtype` (weights by name)."""
         lines = []
         for i, n in enumerate(self.nodes):
-            attrs = {k: v for k, v in n.attrs.items() if v is not None and k not in ("inv_freq", "rope")}
+            if n.op in ("parameter", "input"):
+                lines.append(f"%{i} = {n.op} {n.attrs['name']} : {n.shape} {n.dtype}")
+                continue
+            attrs = {k: v for k, v in n.attrs.items()
+                     if v is not None and v is not False and k not in ("inv_freq", "rope")}
+            if n.attrs.get("rope") is not None or "inv_freq" in n.attrs:
+                attrs["rope"] = "on"
             args = ", ".join(f"%{j}" for j in n.inputs)
-            lines.append(f"%{i} = {n.op}({args}) {attrs} : {n.shape} {n.dtype}")
+            shown = " ".join(f"{k}={v}" for k, v in attrs.items())
+            lines.append(f"%{i} = {n.op}({args}){' ' + shown if shown else ''} : {n.shape}")
         return "\n".join(lines)

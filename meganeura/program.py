@@ -16,18 +16,29 @@ NP_DTYPES = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
 class Program:
     """Runs `graph` on a backend. Weights are bound on first use of a checkpoint and kept."""
 
-    def __init__(self, graph: Graph, backend: str):
+    def __init__(self, graph: Graph, backend: str, optimize: bool = True):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         if not graph.outputs:
             raise ValueError("the graph has no outputs: call graph.set_outputs([...]) first")
-        self.graph = graph
+        self.source = graph
         self.backend = backend
         self._bound: tuple[object, dict] | None = None
         self._runner = None
+        self.optimized = None                   # the optimizer's result (report, kinds) when it ran
+        device = None
         if backend == "wgpu":
+            from .backend.device import open_device
+            device = open_device()
+        if optimize:
+            from .optimize import DeviceCost, optimize as run_optimizer
+            cost = DeviceCost.for_adapter(device.adapter_type) if device else DeviceCost()
+            self.optimized = run_optimizer(graph, cost)
+            graph = self.optimized.graph
+        self.graph = graph
+        if device is not None:
             from .backend.runtime import WgpuRunner
-            self._runner = WgpuRunner(graph)
+            self._runner = WgpuRunner(graph, device)
 
     def bind(self, weights):
         """Check (and for a GPU, upload) the weights now rather than at the first run."""
@@ -91,5 +102,6 @@ class Program:
 
 def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True) -> Program:
     """Prepare `graph` to run: backend="wgpu" on the GPU (lavapipe where there is none),
-    backend="numpy" with the reference executor."""
-    return Program(graph, backend)
+    backend="numpy" with the reference executor. optimize=True runs the e-graph optimizer first
+    (the same fused graph on both backends); the caller's graph is left as it was."""
+    return Program(graph, backend, optimize)

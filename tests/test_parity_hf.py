@@ -23,6 +23,19 @@ def test_logits_match_transformers(case, backend, hf_checkpoint, token_ids):
         assert err <= oracle.tolerance(want, BOUND[backend]), f"{case} from position {start}: max |Δlogit| {err:.3g}"
 
 
+@pytest.mark.parametrize("case", list(oracle.CASES))
+def test_optimized_logits_equal_unoptimized(case, hf_checkpoint, token_ids):
+    """The optimizer's fused graph, on the GPU, against the graph as the model file builds it."""
+    path, _ = hf_checkpoint(case)
+    plain = mn.load_model(path, backend="numpy", optimize=False)
+    fused = mn.load_model(path, backend="wgpu", optimize=True)
+    report = fused.program.optimized.report
+    assert report["kernels_after"] < report["kernels_before"]
+    want = plain.logits(token_ids, start_pos=7)
+    got = fused.logits(token_ids, start_pos=7)
+    assert np.abs(got - want).max() <= oracle.tolerance(want, 1e-3)
+
+
 def test_bf16_checkpoint_matches_f32_model_on_same_weights(hf_checkpoint, token_ids):
     for case in ("llama32", "gemma4_text_all"):
         path, hf = hf_checkpoint(case, dtype="bf16")

@@ -6,6 +6,7 @@ graph.OPS) and gives `emit` the node to append to the optimized graph.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -158,6 +159,16 @@ def shape_info(lowered: Lowered, child_infos: dict, tables, tokens: int):
     return shape, dtype, size(shape, "f32")
 
 
+def packed_name(names: list[str]) -> str:
+    """`a.q_proj.weight`, `a.k_proj.weight` -> `a.q_proj|k_proj.weight`: what was packed, readably."""
+    head = names[0][:len(os.path.commonprefix(names))]
+    head = head[:head.rfind(".") + 1]
+    tails = [n[len(head):] for n in names]
+    rev = os.path.commonprefix([t[::-1] for t in tails])[::-1]
+    tail = rev[rev.find("."):] if "." in rev else ""
+    return head + "|".join(t[:len(t) - len(tail)] for t in tails) + tail
+
+
 class Emitter:
     """Appends the chosen e-nodes to a graph, each class once, inputs first."""
 
@@ -201,7 +212,7 @@ class Emitter:
         if low.op == "pack":
             members = [self.tables.params[self.lowered(r.cid).attrs["name"]] for r in low.inputs]
             shape = (sum(m.shape[0] for m in members),) + tuple(members[0].shape[1:])
-            return self.param("+".join(m.attrs["name"] for m in members), shape,
+            return self.param(packed_name([m.attrs["name"] for m in members]), shape,
                               packed=tuple((m.attrs["name"], m.attrs["fallback"]) for m in members),
                               dtype=members[0].dtype)
         return self.g.add_node(low.op, tuple(self.done[r.cid] for r in low.inputs), **low.attrs)

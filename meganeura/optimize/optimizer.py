@@ -185,7 +185,13 @@ def _stitch(graph: Graph, segs: list[Segment], kind_of: dict, kinds: dict) -> Gr
         if o not in value:                               # an output that is a leaf
             n = graph[o]
             value[o] = leaf(n.op, n.attrs, n)
-    out.set_outputs({graph.names[o]: value[o] for o in graph.outputs})
+    named = {}
+    for o in graph.outputs:
+        node = value[o]
+        if node in named.values():               # two outputs the optimizer proved equal: a view names the second
+            node = out.reshape(node, out[node].shape)
+        named[graph.names[o]] = node
+    out.set_outputs(named)
     return out
 
 
