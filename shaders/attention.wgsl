@@ -1,12 +1,53 @@
 // Causal (optionally sliding-window) softmax attention, one workgroup per (query, head).
 // Keys are visited in blocks of 64 with an online softmax, so any cache length fits in workgroup memory.
+// Heads are read straight out of [tokens, row] tensors at a column offset, so one packed Q|K|V projection
+// can serve all three. Specialised by substitution: q and k may be RMS-normed (q_elem/k_elem) and
+// RoPE-rotated as they are loaded, v unit-normed (v_scale); without those the loads are plain.
 ${bindings}
 
 const WG: u32 = 64u;
 const D: u32 = ${head_dim}u;
+const HALF: u32 = ${half}u;
+const EPS: f32 = ${eps};
 var<workgroup> scores: array<f32, 64>;
+var<workgroup> v_scale: array<f32, 64>;        // 1/rms of each key's v head in the block (v norm only)
 var<workgroup> acc: array<f32, ${head_dim}>;
+var<workgroup> q_raw: array<f32, ${head_dim}>;
+var<workgroup> q_ready: array<f32, ${head_dim}>;   // the query head after its norm and rope
 var<workgroup> red: array<f32, 64>;
+
+fn reduce_max(x: f32, li: u32) -> f32 {
+    red[li] = x;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
+        if (li < w) { red[li] = max(red[li], red[li + w]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_sum(x: f32, li: u32) -> f32 {
+    red[li] = x;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
+        if (li < w) { red[li] = red[li] + red[li + w]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+// The rotate_half partner of element d: pairs (d, d + D/2) turn together.
+fn partner(d: u32) -> u32 { return select(d - HALF, d + HALF, d < HALF); }
+
+// Element d of the query head after its norm (r: the head's 1/rms).
+fn q_elem(d: u32, r: f32) -> f32 { ${q_elem} }
+
+// Element d of the key head at k_base after its norm (r: that head's 1/rms).
+fn k_elem(k_base: u32, d: u32, r: f32) -> f32 { ${k_elem} }
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -18,7 +59,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let qi = Tk - S + i;                 // the query's index among the keys
     var lo = 0u;
     ${window_lo}
-    for (var d = li; d < D; d = d + WG) { acc[d] = 0.0; }
+    let q_base = i * ${q_row}u + ${q_at}u + h * D;
+    for (var d = li; d < D; d = d + WG) { acc[d] = 0.0; q_raw[d] = load_q(q_base + d); }
+    workgroupBarrier();
+    ${q_rms}
+    for (var d = li; d < D; d = d + WG) { q_ready[d] = ${q_value}; }
     var m_run = -3.0e38;
     var l_run = 0.0;
     workgroupBarrier();
@@ -26,37 +71,29 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let j = j0 + li;
         var s = -3.0e38;
         if (j <= qi) {
+            // This thread's key, normed and rotated on the fly (recomputed by every query's workgroup).
+            let k_base = j * ${k_row}u + ${k_at}u + g * D;
+            ${k_rms}
             var dot = 0.0;
             for (var d = 0u; d < D; d = d + 1u) {
-                dot = dot + q[(i * ${q_heads}u + h) * D + d] * k[(j * ${kv_heads}u + g) * D + d];
+                dot = dot + q_ready[d] * ${k_value};
             }
             s = dot * ${scale};
             ${softcap}
+            ${v_rms}
         }
-        red[li] = s;
-        workgroupBarrier();
-        for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-            if (li < w) { red[li] = max(red[li], red[li + w]); }
-            workgroupBarrier();
-        }
-        let m_new = max(m_run, red[0]);
-        workgroupBarrier();
+        let m_new = max(m_run, reduce_max(s, li));
         let p = select(0.0, exp(s - m_new), j <= qi);
         scores[li] = p;
-        red[li] = p;
-        workgroupBarrier();
-        for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-            if (li < w) { red[li] = red[li] + red[li + w]; }
-            workgroupBarrier();
-        }
         let correction = exp(m_run - m_new);
-        l_run = l_run * correction + red[0];
+        l_run = l_run * correction + reduce_sum(p, li);
         m_run = m_new;
         let count = min(WG, qi + 1u - j0);
         for (var d = li; d < D; d = d + WG) {
             var a = acc[d] * correction;
             for (var t = 0u; t < count; t = t + 1u) {
-                a = a + scores[t] * v[((j0 + t) * ${kv_heads}u + g) * D + d];
+                let v_base = (j0 + t) * ${v_row}u + ${v_at}u + g * D;
+                a = a + scores[t] * ${v_value};
             }
             acc[d] = a;
         }

@@ -73,13 +73,15 @@ def test_broadcast_binary(s, n, op, bshape, dtype):
     check(g, getattr(g, op)(x, b), {"x": rand(s, 3, n), **feed}, params)
 
 
-@EXAMPLES
-@given(s=dims, n=dims, op=st.sampled_from(["scale", "silu", "gelu_tanh", "softcap", "softmax"]))
-def test_unary(s, n, op):
+@pytest.mark.parametrize("op", ["scale", "silu", "gelu_tanh", "softcap", "softmax", "sigmoid"])
+@settings(max_examples=4, deadline=None)
+@given(s=dims, n=dims)
+def test_unary(op, s, n):
     g = mn.Graph()
     x = g.input("x", (S, n))
     out = {"scale": lambda: g.scale(x, 0.37), "silu": lambda: g.silu(x), "gelu_tanh": lambda: g.gelu_tanh(x),
-           "softcap": lambda: g.softcap(x, 2.5), "softmax": lambda: g.softmax(x)}[op]()
+           "softcap": lambda: g.softcap(x, 2.5), "softmax": lambda: g.softmax(x),
+           "sigmoid": lambda: g.sigmoid(x)}[op]()
     check(g, out, {"x": 4 * rand(s, n)})
 
 
@@ -147,6 +149,125 @@ def test_topk_route_and_moe(s, e, k, normalize, h, im, dtype, act):
           {"gu": (rand(e, 2 * im, h, seed=6), dtype), "dn": (rand(e, h, im, seed=7), dtype)}, rtol=1e-4)
     g2 = mn.Graph()
     check(g2, g2.topk_route(g2.input("p", (S, e)), k, normalize), {"p": rand(s, e, seed=8)})
+
+
+# ---------------------------------------------------------------- fused ops
+
+@EXAMPLES
+@given(s=dims, n=dims, act=st.sampled_from(["silu", "gelu_tanh"]))
+def test_glu(s, n, act):
+    g = mn.Graph()
+    gate, up = g.input("g", (S, n)), g.input("u", (S, n))
+    check(g, g.glu(gate, up, act), {"g": 4 * rand(s, n), "u": rand(s, n, seed=1)})
+
+
+@EXAMPLES
+@given(s=dims, h=st.integers(1, 3), n=dims, weighted=st.booleans(), scaled=st.booleans(), dtype=wdtypes)
+def test_add_norm(s, h, n, weighted, scaled, dtype):
+    g = mn.Graph()
+    res, y = g.input("h", (S, h, n)), g.input("y", (S, h, n))
+    w = g.parameter("w", (n,)) if weighted else None
+    c = g.parameter("c", (1,)) if scaled else None
+    params = {**({"w": (rand(n, seed=3), dtype)} if weighted else {}),
+              **({"c": (np.array([0.7], np.float32), dtype)} if scaled else {})}
+    check(g, g.add_norm(res, y, w, 1e-6, c), {"h": rand(s, h, n), "y": 3 * rand(s, h, n, seed=1)}, params or None)
+
+
+def linear_case(g, s, k, n, lead, norm, bias, act, softcap, residual, dtype):
+    """A fused linear over x[S, *lead, k] and its feeds and checkpoint."""
+    rows = 2 * n if act else n
+    x = g.input("x", (S, *lead, k))
+    feed, params = {"x": rand(s, *lead, k)}, {"w": (rand(rows, k, seed=1) / np.sqrt(k), dtype)}
+    kw = dict(norm=norm, eps=1e-5, act=act, softcap=softcap)
+    if norm == "weighted":
+        kw["norm_w"] = g.parameter("nw", (k,))
+        params["nw"] = (1 + rand(k, seed=2) / 4, dtype)
+    if bias:
+        kw["bias"] = g.parameter("b", (rows,))
+        params["b"] = (rand(rows, seed=3), dtype)
+    if residual:
+        kw["residual"] = g.input("r", (S, *lead, n))
+        feed["r"] = rand(s, *lead, n, seed=4)
+    return g.fused_linear(x, g.parameter("w", (rows, k)), **kw), feed, params
+
+
+@pytest.mark.parametrize("norm", [None, "weighted", "unit"])
+@pytest.mark.parametrize("act", [None, "silu", "gelu_tanh"])
+@settings(max_examples=6, deadline=None)
+@given(s=dims, k=dims, n=dims, lead=st.sampled_from([(), (2,)]), bias=st.booleans(),
+       softcap=st.sampled_from([None, 1.5]), residual=st.booleans(), dtype=wdtypes)
+def test_linear(norm, act, s, k, n, lead, bias, softcap, residual, dtype):
+    g = mn.Graph()
+    out, feed, params = linear_case(g, s, k, n, lead, norm, bias, act, softcap, residual, dtype)
+    check(g, out, feed, params, rtol=1e-4)
+
+
+BINDING = 128      # bytes: every weight row and vector below fits, every weight matrix needs windows
+
+
+@EXAMPLES
+@given(s=dims, k=st.integers(9, 32), n=st.integers(8, 32), gated=st.booleans(),
+       norm=st.sampled_from([None, "weighted", "unit"]), bias=st.booleans(), softcap=st.sampled_from([None, 1.5]),
+       residual=st.booleans(), dtype=wdtypes)
+def test_linear_weight_windows(s, k, n, gated, norm, bias, softcap, residual, dtype):
+    """Row windows of the weight each fill their own output columns; a gated weight's gate and up rows
+    land in different windows."""
+    act = "silu" if gated else None
+    n = n // 2 if gated else n
+    rows = 2 * n if gated else n
+    assert rows * k * 2 > BINDING >= max(rows, k) * 4
+    g = mn.Graph()
+    out, feed, params = linear_case(g, s, k, n, (), norm, bias, act, softcap, residual, dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_MAX_BINDING", str(BINDING))
+        check(g, out, feed, params, rtol=1e-4)
+
+
+def attention_case(g, s, kv, group, d, norms, rope, packed, order, pad, dtype):
+    """fused_attention over either one packed [S, pad | q | k | v (in `order`) | pad] tensor or three."""
+    nh = kv * group
+    sizes = {"q": nh * d, "k": kv * d, "v": kv * d}
+    feed, params, kw = {}, {}, {}
+    if packed:
+        at, width = {}, pad
+        for name in order:
+            at[name], width = width, width + sizes[name]
+        x = g.input("qkv", (S, width + pad))
+        feed["qkv"] = rand(s, width + pad)
+        q = k = v = x
+        kw.update(q_at=at["q"], k_at=at["k"], v_at=at["v"])
+    else:
+        q, k, v = g.input("q", (S, nh, d)), g.input("k", (S, kv, d)), g.input("v", (S, kv, d))
+        feed.update(q=rand(s, nh, d), k=rand(s, kv, d, seed=1), v=rand(s, kv, d, seed=2))
+    if norms & 1:
+        kw["q_norm_w"] = g.parameter("qn", (d,))
+        params["qn"] = (1 + rand(d, seed=5) / 4, dtype)
+    if norms & 2:
+        kw["k_norm_w"] = g.parameter("kn", (d,))
+        params["kn"] = (1 + rand(d, seed=6) / 4, dtype)
+    if rope:
+        kw.update(pos=g.input("start_pos", (), "i32", default=0), rope=(np.abs(rand(d // 2, seed=7)), 1.1))
+    return q, k, v, dict(kw, heads=nh, kv_heads=kv, head_dim=d, norms=norms, eps=1e-6), feed, params
+
+
+@EXAMPLES
+@given(s=dims, kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 3]), half=st.integers(1, 20),
+       odd=st.booleans(), norms=st.integers(0, 7), rope=st.booleans(), start=st.integers(0, 5000),
+       packed=st.booleans(), order=st.permutations("qkv"), pad=st.integers(0, 3),
+       window=st.one_of(st.none(), st.integers(1, 9)), softcap=st.sampled_from([None, 3.0]), dtype=wdtypes)
+def test_fused_attention(s, kv, group, half, odd, norms, rope, start, packed, order, pad, window, softcap, dtype):
+    d = 2 * half + (odd and not rope)
+    g = mn.Graph()
+    q, k, v, kw, feed, params = attention_case(g, s, kv, group, d, norms, rope, packed, order, pad, dtype)
+    out = g.fused_attention(q, k, v, scale=d ** -0.5, window=window, softcap=softcap, **kw)
+    check(g, out, {**feed, **({"start_pos": start} if rope else {})}, params or None, rtol=1e-4)
+
+
+def test_fused_attention_longer_than_a_key_block():
+    g = mn.Graph()
+    q, k, v, kw, feed, params = attention_case(g, 150, 1, 2, 8, 7, True, True, "vqk", 1, "bf16")
+    out = g.fused_attention(q, k, v, scale=0.3, window=100, **kw)
+    check(g, out, {**feed, "start_pos": 1000}, params, rtol=1e-4)
 
 
 def test_every_op_is_covered():

@@ -118,6 +118,17 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
 TANH = "fn tanh_(x: f32) -> f32 { let e = exp(-2.0 * abs(x)); return sign(x) * (1.0 - e) / (1.0 + e); }"
 
 
+def act_fn(act: str) -> tuple[str, ...]:
+    """Helpers defining `fn act(a)`, a gated op's activation (for `helpers`)."""
+    expr = POINTWISE_EXPR[act]
+    return (TANH,) * ("tanh_" in expr) + (f"fn act(a: f32) -> f32 {{ return {expr}; }}",)
+
+
+def helpers(*parts: str) -> str:
+    """A kernel prelude of module-scope helpers, each once (an activation and a softcap both want tanh_)."""
+    return "\n".join(dict.fromkeys(p for p in parts if p))
+
+
 # ---------------------------------------------------------------- lowering context
 
 @dataclass
@@ -198,6 +209,7 @@ POINTWISE_EXPR = {
     "silu": "a / (1.0 + exp(-a))",
     "gelu_tanh": "0.5 * a * (1.0 + tanh_(0.7978845608028654 * (a + 0.044715 * a * a * a)))",
     "softcap": "{cap} * tanh_(a / {cap})",
+    "sigmoid": "1.0 / (1.0 + exp(-a))",
 }
 
 
@@ -211,6 +223,12 @@ def _pointwise(ctx, node_id, node: Node) -> list[Kernel]:
                                              if isinstance(v, float)})
     body = "\n".join([_coords(out_shape)] + loads + [f"    out[i] = {expr};"])
     return [_elementwise(ctx, node.op, node, ins + [_out(node_id)], body, prelude=TANH if "tanh_" in expr else "")]
+
+
+def _glu(ctx, node_id, node: Node) -> list[Kernel]:
+    bindings = [ctx.value(node.inputs[0], "gate"), ctx.value(node.inputs[1], "up"), _out(node_id)]
+    body = "    out[i] = act(load_gate(i)) * load_up(i);"
+    return [_elementwise(ctx, "glu", node, bindings, body, prelude=helpers(*act_fn(node.attrs["act"])))]
 
 
 def _slice(ctx, node_id, node: Node) -> list[Kernel]:
@@ -248,18 +266,43 @@ def _rows(node: Node, width: int) -> tuple[str, Callable]:
     return f"({numel(node.shape)} / {width}u)", lambda s: grid_1d(numel_at(node.shape, s) // width, 1)
 
 
+def _row_rms(load: str, eps: float) -> str:
+    """Rowreduce lines that leave this row's 1/rms of `load(base + j)` in `r`."""
+    return f"""    var ss = 0.0;
+    for (var j = li; j < n; j = j + WG) {{ let v = {load}(base + j); ss = ss + v * v; }}
+    let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(eps)});"""
+
+
 def _rms_norm(ctx, node_id, node: Node) -> list[Kernel]:
     n = node.shape[-1]
     weighted = len(node.inputs) == 2
-    body = f"""    var ss = 0.0;
-    for (var j = li; j < n; j = j + WG) {{ let v = load_x(base + j); ss = ss + v * v; }}
-    let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(node.attrs['eps'])});
+    body = _row_rms("load_x", node.attrs["eps"]) + f"""
     for (var j = li; j < n; j = j + WG) {{
         out[base + j] = load_x(base + j) * r{' * load_w(j)' if weighted else ''};
     }}"""
     bindings = [ctx.value(node.inputs[0], "x")] + ([ctx.value(node.inputs[1], "w")] if weighted else [])
     rows, grid = _rows(node, n)
     return [_kernel(ctx, "rms_norm", "rowreduce", bindings + [_out(node_id)], grid, rows=rows, width=n,
+                    body=body)]
+
+
+def _add_norm(ctx, node_id, node: Node) -> list[Kernel]:
+    n = node.shape[-1]
+    a = node.attrs
+    extra = list(node.inputs[2:])
+    bindings = [ctx.value(node.inputs[0], "h"), ctx.value(node.inputs[1], "y")]
+    normed = "load_y(base + j) * r"
+    if a["weighted"]:
+        bindings.append(ctx.value(extra.pop(0), "w"))
+        normed += " * load_w(j)"
+    value = f"load_h(base + j) + {normed}"
+    if a["scaled"]:
+        bindings.append(ctx.value(extra.pop(0), "s"))
+        value = f"({value}) * load_s(0u)"
+    body = _row_rms("load_y", a["eps"]) + f"""
+    for (var j = li; j < n; j = j + WG) {{ out[base + j] = {value}; }}"""
+    rows, grid = _rows(node, n)
+    return [_kernel(ctx, "add_norm", "rowreduce", bindings + [_out(node_id)], grid, rows=rows, width=n,
                     body=body)]
 
 
@@ -309,34 +352,125 @@ def _topk_route(ctx, node_id, node: Node) -> list[Kernel]:
 
 # ---------------------------------------------------------------- matrix ops
 
-def _matmul(ctx, node_id, node: Node) -> list[Kernel]:
-    x, w = ctx.graph[node.inputs[0]], ctx.graph[node.inputs[1]]
+NORM_PROLOGUE = """    // Each tile row's 1/rms, once per workgroup: the row's 16 threads split it, a_tile holds their sums.
+    var ss = 0.0;
+    if (m < M) {{
+        for (var kk = lid.x; kk < K; kk = kk + T) {{ let v = load_a(m * K + kk); ss = ss + v * v; }}
+    }}
+    a_tile[lid.y][lid.x] = ss;
+    workgroupBarrier();
+    if (lid.x == 0u) {{
+        var total = 0.0;
+        for (var c = 0u; c < T; c = c + 1u) {{ total = total + a_tile[lid.y][c]; }}
+        row_scale[lid.y] = 1.0 / sqrt(total / f32(K) + {eps});
+    }}
+    workgroupBarrier();"""
+
+
+def _finish(softcap: float | None, residual_index: str | None) -> list[str]:
+    """Epilogue statements shared by the gemm and the split-gate pass: softcap, then the residual add."""
+    lines = []
+    if softcap is not None:
+        lines.append(f"y = {lit(softcap)} * tanh_(y / {lit(softcap)});")
+    if residual_index is not None:
+        lines.append(f"y = y + load_residual({residual_index});")
+    return lines
+
+
+def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = True, out: Binding | None = None,
+          norm: str | None = None, norm_w: int | None = None, eps: float = 0.0, bias: int | None = None,
+          act: str | None = None, softcap: float | None = None, residual: int | None = None) -> list[Kernel]:
+    """out[m, col] = epilogue(rms_norm(x[m]) · w(col)), one dispatch per row window of the weight.
+
+    Output column `col` is the weight row's index, so windows fill disjoint columns; a gated GEMM (act)
+    pairs gate row n with up row n + rows/2 and needs them in one window (its caller ensures that)."""
+    x, w = ctx.graph[x_id], ctx.graph[w_id]
     k = x.shape[-1]
-    n_total = node.shape[-1]
-    m_expr = f"({numel(x.shape)} / {k}u)"
-    t = node.attrs["transpose_b"]
-    windows = [(0, w.shape[0])]
-    w_binding: Callable[[int], Binding] = lambda i: ctx.value(node.inputs[1], "w")
+    rows = w.shape[0] if transpose else w.shape[1]
+    windows = [(0, rows)]
+    w_binding: Callable[[int], Binding] = lambda i: ctx.value(w_id, "w")
     if w.op == "parameter":
         pname = w.attrs["name"]
-        windows = ctx.param_windows(pname)
-        if len(windows) > 1 and not t:
-            raise LoweringError(f"weight {pname} is larger than one storage binding; only [out, in] weights "
-                                f"(transpose_b) can be split into windows")
+        if len(ctx.param_windows(pname)) > 1:
+            if not transpose:
+                raise LoweringError(f"weight {pname} is larger than one storage binding; only [out, in] weights "
+                                    f"(transpose_b) can be split into windows")
+            windows = ctx.param_windows(pname)
         w_binding = lambda i: Binding("w", Ref("param", pname, i), ctx.param_dtype(pname))
+    assert act is None or len(windows) == 1, "a gated GEMM needs its gate and up rows in one window"
+
+    shared = [ctx.value(x_id, "a")]
+    load_a, prologue = "load_a(m * K + ka)", ""
+    if norm is not None:
+        load_a += " * row_scale[lid.y]"
+        prologue = NORM_PROLOGUE.format(eps=lit(eps))
+        if norm_w is not None:
+            shared.append(ctx.value(norm_w, "nw"))
+            load_a += " * load_nw(ka)"
+    out_stride = rows // 2 if act else rows
+    epilogue, parts = [], []
+    if bias is not None:
+        shared.append(ctx.value(bias, "bias"))
+        epilogue.append("y = y + load_bias(col);")
+    stage_up = accumulate_up = ""
+    if act is not None:
+        parts += [*act_fn(act), "var<workgroup> up_tile: array<array<f32, 16>, 16>;"]
+        stage_up = "        up_tile[lid.y][lid.x] = select(0.0, load_w((nb + N) * K + kb), nb < N && kb < K);"
+        accumulate_up = "            acc_up = acc_up + a_tile[lid.y][kk] * up_tile[lid.x][kk];"
+        epilogue.append(f"y = act(y) * (acc_up{' + load_bias(col + N)' if bias is not None else ''});")
+    if residual is not None:
+        shared.append(ctx.value(residual, "residual"))
+    epilogue += _finish(softcap, f"m * {out_stride}u + col" if residual is not None else None)
+    if softcap is not None:
+        parts.append(TANH)
+
     kernels = []
     for i, (r0, r1) in enumerate(windows):
-        n = r1 - r0 if t else n_total
-        load_b = "load_w(nb * K + kb)" if t else "load_w(kb * N + nb)"
-        bindings = [ctx.value(node.inputs[0], "a"), w_binding(i), _out(node_id)]
+        n = (r1 - r0) // 2 if act else r1 - r0
 
         def grid(s, n=n):
-            m = numel_at(x.shape, s) // k
-            return -(-n // 16), -(-m // 16), 1
+            return -(-n // 16), -(-(numel_at(x.shape, s) // k) // 16), 1
 
-        kernels.append(_kernel(ctx, "matmul", "gemm", bindings, grid, m=m_expr, n=n, k=k,
-                               load_a="load_a(m * K + ka)", load_b=load_b, out_stride=n_total,
-                               out_col=f"{r0 if t else 0}u"))
+        kernels.append(_kernel(
+            ctx, label, "gemm", shared[:1] + [w_binding(i)] + shared[1:] + [out or _out(node_id)], grid,
+            prelude=helpers(*parts), m=f"({numel(x.shape)} / {k}u)", n=n, k=k, prologue=prologue, load_a=load_a,
+            load_b="load_w(nb * K + kb)" if transpose else "load_w(kb * N + nb)", stage_up=stage_up,
+            accumulate_up=accumulate_up, col0=r0, out_stride=out_stride,
+            epilogue="\n".join("        " + line for line in epilogue)))
+    return kernels
+
+
+def _matmul(ctx, node_id, node: Node) -> list[Kernel]:
+    return _gemm(ctx, node_id, *node.inputs, "matmul", transpose=node.attrs["transpose_b"])
+
+
+def _linear(ctx, node_id, node: Node) -> list[Kernel]:
+    a = node.attrs
+    x_id, w_id = node.inputs[:2]
+    extra = list(node.inputs[2:])
+    norm_w = extra.pop(0) if a["norm"] == "weighted" else None
+    bias = extra.pop(0) if a["bias"] else None
+    residual = extra.pop(0) if a["residual"] else None
+    before_gate = dict(norm=a["norm"], norm_w=norm_w, eps=a["eps"], bias=bias)
+    w = ctx.graph[w_id]
+    if a["act"] is None or w.op != "parameter" or len(ctx.param_windows(w.attrs["name"])) == 1:
+        return _gemm(ctx, node_id, x_id, w_id, "linear", act=a["act"], softcap=a["softcap"], residual=residual,
+                     **before_gate)
+    # A gated weight split into windows may hold gate row n and up row n + N in different ones: run the
+    # plain GEMM into scratch [.., 2N] (columns land by weight row, whatever the window), then gate.
+    width, half = w.shape[0], w.shape[0] // 2
+    scratch = Ref("scratch", node_id, 2 * 4 * math.prod(d for d in node.shape if d != S))   # bytes per token
+    kernels = _gemm(ctx, node_id, x_id, w_id, "linear", out=Binding("out", scratch, "f32", write=True),
+                    **before_gate)
+    bindings = [Binding("hid", scratch, "f32")]
+    if residual is not None:
+        bindings.append(ctx.value(residual, "residual"))
+    lines = [f"let row = (i / {half}u) * {width}u + i % {half}u;",
+             f"var y = act(load_hid(row)) * load_hid(row + {half}u);",
+             *_finish(a["softcap"], "i" if residual is not None else None), "out[i] = y;"]
+    parts = (*act_fn(a["act"]), TANH if a["softcap"] is not None else "")
+    kernels.append(_elementwise(ctx, "linear_gate", node, bindings + [_out(node_id)],
+                                "\n".join("    " + line for line in lines), prelude=helpers(*parts)))
     return kernels
 
 
@@ -354,30 +488,83 @@ def _embedding(ctx, node_id, node: Node) -> list[Kernel]:
     return kernels
 
 
+ROTATE = """fn rotate(x: f32, partner_x: f32, row: u32, d: u32) -> f32 {
+    let c = (row * HALF + d % HALF) * 2u;     // the token's cos/sin pair for frequency d mod D/2
+    return x * table[c] + select(partner_x, -partner_x, d < HALF) * table[c + 1u];
+}"""
+
+
+def _row_width(node: Node) -> int:
+    """Elements per token of a [tokens, ...] tensor."""
+    return math.prod(node.shape[1:])
+
+
 def _attention(ctx, node_id, node: Node) -> list[Kernel]:
     q, k = ctx.graph[node.inputs[0]], ctx.graph[node.inputs[1]]
-    _, nh, d = q.shape
-    nkv = k.shape[1]
-    a = node.attrs
+    plain = dict(heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[2], q_at=0, k_at=0, v_at=0, norms=0,
+                 eps=0.0, rope=None)
+    return _attend(ctx, node_id, node.inputs, {**node.attrs, **plain}, "attention")
+
+
+def _fused_attention(ctx, node_id, node: Node) -> list[Kernel]:
+    return _attend(ctx, node_id, node.inputs, node.attrs, "fused_attention")
+
+
+def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
+    """Attention over heads read at column offsets of [tokens, row] tensors (the fused_attention attrs)."""
+    q, k, v = (ctx.graph[j] for j in inputs[:3])
+    nh, nkv, d = a["heads"], a["kv_heads"], a["head_dim"]
+    norms, extra = a["norms"], list(inputs[3:])
+    bindings = [ctx.value(inputs[0], "q"), ctx.value(inputs[1], "k"), ctx.value(inputs[2], "v")]
+    rms = "1.0 / sqrt({} / f32(D) + EPS)"
+    q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
+    if norms & 1:
+        bindings.append(ctx.value(extra.pop(0), "q_norm"))
+        q_rms = ("var q_ss = 0.0;\n    for (var d = li; d < D; d = d + WG) { q_ss = q_ss + q_raw[d] * q_raw[d]; }\n"
+                 f"    let rq = {rms.format('reduce_sum(q_ss, li)')};")
+        q_elem = "return q_raw[d] * r * load_q_norm(d);"
+    k_rms, k_elem = "let rk = 1.0;", "return load_k(k_base + d);"
+    if norms & 2:
+        bindings.append(ctx.value(extra.pop(0), "k_norm"))
+        k_rms = ("var k_ss = 0.0;\n            for (var d = 0u; d < D; d = d + 1u) "
+                 "{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }\n"
+                 f"            let rk = {rms.format('k_ss')};")
+        k_elem = "return load_k(k_base + d) * r * load_k_norm(d);"
+    v_rms, v_value = "", "load_v(v_base + d)"
+    if norms & 4:
+        v_rms = (f"let v_base = j * {_row_width(v)}u + {a['v_at']}u + g * D;\n            var v_ss = 0.0;\n"
+                 "            for (var d = 0u; d < D; d = d + 1u) { let x = load_v(v_base + d); v_ss = v_ss + x * x; }\n"
+                 f"            v_scale[li] = {rms.format('v_ss')};")
+        v_value = "(load_v(v_base + d) * v_scale[t])"
+    q_value, k_value, parts = "q_elem(d, rq)", "k_elem(k_base, d, rk)", []
+    if a["rope"] is not None:
+        # The host fills one cos/sin row per token of the step (position step.start + row), as for `rope`.
+        inv_freq, scaling = a["rope"]
+        key = ctx.rope_key(Node("rope", (), {"inv_freq": inv_freq, "attention_scaling": scaling}, (), "f32"))
+        bindings.append(Binding("table", Ref("rope", key), "f32"))
+        parts.append(ROTATE)
+        q_value = "rotate(q_elem(d, rq), q_elem(partner(d), rq), i, d)"
+        k_value = "rotate(k_elem(k_base, d, rk), k_elem(k_base, partner(d), rk), j, d)"
     window = a["window"]
     window_lo = f"if (qi + 1u >= {window}u) {{ lo = qi + 1u - {window}u; }}" if window else ""
     softcap = f"s = {lit(a['softcap'])} * tanh_(s / {lit(a['softcap'])});" if a["softcap"] else ""
-    bindings = [ctx.value(node.inputs[0], "q"), ctx.value(node.inputs[1], "k"), ctx.value(node.inputs[2], "v"),
-                _out(node_id)]
-    return [_kernel(ctx, "attention", "attention", bindings, lambda s: (nh, s, 1), head_dim=d,
-                   queries=dim(q.shape[0]), keys=dim(k.shape[0]), group=nh // nkv, q_heads=nh, kv_heads=nkv,
-                    scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap, prelude=TANH if softcap else "")]
+    if softcap:
+        parts.append(TANH)
+    return [_kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1),
+                    prelude=helpers(*parts), head_dim=d, half=d // 2, eps=lit(a["eps"]), queries=dim(q.shape[0]),
+                    keys=dim(k.shape[0]), group=nh // nkv, q_heads=nh, q_row=_row_width(q), k_row=_row_width(k),
+                    v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"], q_rms=q_rms, q_elem=q_elem,
+                    k_rms=k_rms, k_elem=k_elem, q_value=q_value, k_value=k_value, v_rms=v_rms, v_value=v_value,
+                    scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap)]
 
 
 def _moe(ctx, node_id, node: Node) -> list[Kernel]:
     x, route, gate_up, down = (ctx.graph[j] for j in node.inputs)
     e, two_im, h = gate_up.shape
     im, slots = two_im // 2, node.attrs["k"]
-    act = {"silu": "fn act(a: f32) -> f32 { return a / (1.0 + exp(-a)); }",
-           "gelu_tanh": TANH + "\nfn act(a: f32) -> f32 { return 0.5 * a * (1.0 + tanh_(0.7978845608028654 * "
-                               "(a + 0.044715 * a * a * a))); }"}[node.attrs["act"]]
     hidden = Binding("hidden", Ref("scratch", node_id, slots * im * 4), "f32", write=True)
-    subs = dict(experts=e, hidden=h, inter=im, slots=slots, prelude=act, tokens=dim(x.shape[0]))
+    subs = dict(experts=e, hidden=h, inter=im, slots=slots, prelude=helpers(*act_fn(node.attrs["act"])),
+                tokens=dim(x.shape[0]))
     x_b, route_b = ctx.value(node.inputs[0], "x"), ctx.value(node.inputs[1], "route")
 
     def weight(j, name):
@@ -406,7 +593,8 @@ def _moe(ctx, node_id, node: Node) -> list[Kernel]:
 
 LOWERINGS = {
     "add": _pointwise, "mul": _pointwise, "scale": _pointwise, "silu": _pointwise, "gelu_tanh": _pointwise,
-    "softcap": _pointwise, "slice": _slice, "rope": _rope,
-    "rms_norm": _rms_norm, "softmax": _softmax, "topk_route": _topk_route,
-    "matmul": _matmul, "embedding": _embedding, "attention": _attention, "moe": _moe,
+    "softcap": _pointwise, "sigmoid": _pointwise, "glu": _glu, "slice": _slice, "rope": _rope,
+    "rms_norm": _rms_norm, "softmax": _softmax, "topk_route": _topk_route, "add_norm": _add_norm,
+    "matmul": _matmul, "linear": _linear, "embedding": _embedding, "moe": _moe,
+    "attention": _attention, "fused_attention": _fused_attention,
 }
