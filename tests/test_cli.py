@@ -18,6 +18,24 @@ def test_graph_from_config_alone(tmp_path):
     assert "qwen3: 2 layers" in r.stdout and "attention×2" in r.stdout
 
 
+def test_graph_dump_egraph_writes_what_the_optimizer_did(tmp_path):
+    cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "dump"
+    r = meganeura("graph", str(tmp_path), "--dump-egraph", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "kernels per step: 51 -> 17" in r.stdout and "qkv-pack" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["layer_kinds"] == 3 and report["rules_fired"]["gate-up-pack"] >= 3
+    egraph = json.loads((out / "kind1.json").read_text())           # the decoder layer's e-graph
+    assert {n["op"] for n in egraph["nodes"].values()} >= {"Lin", "Attn", "Pack3", "Pack2"}
+    assert (out / "kind1.egg").read_text().count("(rule ") == 25
+    assert (out / "kind1.dot").read_text().startswith("digraph")
+    assert "fused_attention" in (out / "after.txt").read_text()
+    assert "fused_attention" not in (out / "before.txt").read_text()
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     for args in (["graph", str(tmp_path)], ["graph", str(tmp_path / "missing")]):
