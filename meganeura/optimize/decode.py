@@ -44,10 +44,6 @@ class Lowered:
         return n(out_shape)
 
 
-def _is_nil(ref) -> bool:
-    return getattr(ref, "nil", False)
-
-
 def _opt(ref) -> list:
     return [] if ref is None else [ref]
 
@@ -81,7 +77,7 @@ def _k(op, **fixed):
     def lower(a, t):
         refs = [x for x in a if isinstance(x, ClassRef)]
         lits = [x for x in a if not isinstance(x, ClassRef)]
-        return Lowered(op, dict(zip(names, lits), **fixed), refs, op not in ("reshape",))
+        return Lowered(op, dict(zip(names, lits), **fixed), refs, True)
     return lower
 
 
@@ -113,8 +109,8 @@ LOWER: dict[str, Callable] = {
     "Reshape": lambda a, t: Lowered("reshape", dict(shape=parse_shape(a[1])), [a[0]], False),
     "Slice": _k("slice", attrs=("axis", "start", "stop")),
     "Glu": lambda a, t: Lowered("glu", dict(act=a[0]), [a[1], a[2]], True),
-    "Lin": None,
-    "Attn": None,
+    "Lin": _lower_lin,
+    "Attn": _lower_attn,
     "AddNorm": lambda a, t: Lowered("add_norm", dict(eps=a[4], weighted=a[2] is not None, scaled=a[3] is not None),
                                     [a[0], a[1]] + _opt(a[2]) + _opt(a[3]), True),
 }
@@ -123,29 +119,27 @@ LOWER: dict[str, Callable] = {
 def lower_enode(enode: ENode, tables, nil: Callable[[object], bool] | None = None) -> Lowered:
     """The IR op an e-node stands for. Optional operands that are (Nil) come through as None."""
     args = tuple(None if nil is not None and nil(x) else x for x in enode.args)
-    if enode.op == "Lin":
-        return _lower_lin(args, tables)
-    if enode.op == "Attn":
-        return _lower_attn(args, tables)
     return LOWER[enode.op](args, tables)
 
 
 PARAM_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
 
+def nbytes(shape, dtype: str, tokens: int) -> int:
+    """Bytes of a tensor at `tokens` tokens (16-bit weights at 2 bytes, everything else at 4)."""
+    return math.prod(tokens if d == S else d for d in shape) * PARAM_BYTES.get(dtype, 4)
+
+
 def shape_info(lowered: Lowered, child_infos: dict, tables, tokens: int):
     """(shape, dtype, bytes at `tokens`) of the value a lowered e-node makes, or None for (Nil)."""
-    def size(shape, dtype):
-        return math.prod(tokens if d == S else d for d in shape) * PARAM_BYTES.get(dtype, 4)
-
     if lowered.op == "nil":
         return None
     if lowered.op == "input":
         a = lowered.attrs
-        return a["shape"], a["dtype"], size(a["shape"], a["dtype"])
+        return a["shape"], a["dtype"], nbytes(a["shape"], a["dtype"], tokens)
     if lowered.op == "parameter":
         node = tables.params[lowered.attrs["name"]]
-        return node.shape, node.dtype, size(node.shape, node.dtype)
+        return node.shape, node.dtype, nbytes(node.shape, node.dtype, tokens)
     infos = [child_infos[r.cid] for r in lowered.inputs]
     if lowered.op == "pack":
         first = infos[0][0]
@@ -156,7 +150,7 @@ def shape_info(lowered: Lowered, child_infos: dict, tables, tokens: int):
         shape, dtype = OPS[lowered.op].rule(fake, lowered.attrs)
     except ShapeError:
         return None
-    return shape, dtype, size(shape, "f32")
+    return shape, dtype, nbytes(shape, "f32", tokens)
 
 
 def packed_name(names: list[str]) -> str:

@@ -13,7 +13,6 @@ import json
 import math
 from dataclasses import dataclass
 
-from ..graph import S
 from .decode import ClassRef, ENode, Lowered, lower_enode, shape_info
 
 
@@ -35,7 +34,6 @@ class DeviceCost:
 
 
 LITERAL_TYPES = {"String": lambda s: json.loads(s), "i64": int, "f64": float, "bool": lambda s: s == "true"}
-RELATIONS = ("Id", "Shp", "Rank", "Last")
 
 
 class EGraph:
@@ -60,10 +58,6 @@ class EGraph:
                 self.classes.setdefault(n["eclass"], []).append(ENode(n["op"], args))
         self.size = sum(len(v) for v in self.classes.values())
         self.nil = next((c for c, ns in self.classes.items() if any(n.op == "Nil" for n in ns)), None)
-
-
-def _numel(shape, tokens: int) -> int:
-    return math.prod(tokens if d == S else d for d in shape)
 
 
 class Extractor:

@@ -8,14 +8,13 @@ and the same values leaving the layer. A graph without layer-named weights is on
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field
 
-from ..graph import S, Graph, Node
+from ..graph import Graph
 from . import rules
-from .decode import PARAM_BYTES, Emitter
+from .decode import Emitter, nbytes
 from .encode import encode
 from .extract import DeviceCost, EGraph, Extractor
 
@@ -160,7 +159,7 @@ def _stitch(graph: Graph, segs: list[Segment], kind_of: dict, kinds: dict) -> Gr
     value: dict[int, int] = {}               # original node -> node of `out`
     leaves: dict[tuple, int] = {}
 
-    def leaf(op: str, attrs: dict, node: Node) -> int:
+    def leaf(op: str, attrs: dict) -> int:
         key = (op, attrs["name"])
         if key not in leaves:
             leaves[key] = out.add_node(op, (), **attrs)
@@ -176,7 +175,7 @@ def _stitch(graph: Graph, segs: list[Segment], kind_of: dict, kinds: dict) -> Gr
                 new[i] = value[seg.externals[int(n.attrs["name"][4:])]]
             elif n.op in ("input", "parameter"):
                 attrs = _rename(n.attrs, old, seg.prefix) if old else n.attrs
-                new[i] = leaf(n.op, attrs, n)
+                new[i] = leaf(n.op, attrs)
             else:
                 new[i] = out.add_node(n.op, tuple(new[j] for j in n.inputs), **n.attrs)
         for o, produced in zip(seg.outputs, kind.graph.outputs):
@@ -184,7 +183,7 @@ def _stitch(graph: Graph, segs: list[Segment], kind_of: dict, kinds: dict) -> Gr
     for o in graph.outputs:
         if o not in value:                               # an output that is a leaf
             n = graph[o]
-            value[o] = leaf(n.op, n.attrs, n)
+            value[o] = leaf(n.op, n.attrs)
     named = {}
     for o in graph.outputs:
         node = value[o]
@@ -239,15 +238,14 @@ def optimize(graph: Graph, cost: DeviceCost | None = None, tokens: int = 1, keep
 
 def step_estimate(graph: Graph, cost: DeviceCost, tokens: int = 1) -> tuple[int, int]:
     """(kernels, bytes read and written) of one step of `graph` at `tokens` tokens."""
-    def nbytes(i):
+    def size(i):
         n = graph[i]
-        each = PARAM_BYTES.get(n.dtype, 4) if n.op == "parameter" else 4
-        return math.prod(tokens if d == S else d for d in n.shape) * each
+        return nbytes(n.shape, n.dtype if n.op == "parameter" else "f32", tokens)
 
     kernels = moved = 0
     for i, n in enumerate(graph.nodes):
         if n.op in ("input", "parameter", "reshape"):
             continue
         kernels += 1
-        moved += sum(nbytes(j) for j in set(n.inputs)) + nbytes(i)
+        moved += sum(size(j) for j in set(n.inputs)) + size(i)
     return kernels, moved
