@@ -136,14 +136,47 @@ def _rope(ins, a):
 
 
 def _attention(ins, a):
-    q, k, v = ins
-    for n in ins:
+    q, k, v = ins[:3]
+    for n in ins[:3]:
         _float(n, "attention operand")
+    if len(ins) == 4:
+        _position(ins[3])
+        if not isinstance(k.shape[0], int):
+            _fail(f"a cache has a fixed number of slots, got {k.shape}")
     if len(q.shape) != 3 or len(k.shape) != 3 or k.shape != v.shape:
         _fail(f"attention wants q[S,nH,d], k and v [T,nKV,d], got {q.shape}, {k.shape}, {v.shape}")
     if q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
         _fail(f"q heads/dim {q.shape[1:]} do not fit kv heads/dim {k.shape[1:]}")
     return q.shape, "f32"
+
+
+def _position(pos: Node):
+    if pos.shape != () or pos.dtype not in INT_DTYPES:
+        _fail(f"a position must be an integer scalar, got {pos.shape} {pos.dtype}")
+
+
+def _state(ins, a):
+    if any(not isinstance(d, int) for d in a["shape"]):
+        _fail(f"state has a fixed shape, got {a['shape']}")
+    return tuple(a["shape"]), "f32"
+
+
+def _cache_write(ins, a):
+    cache, x, pos = ins[:3]
+    _float(x, "cached value")
+    _position(pos)
+    if len(cache.shape) != 3:
+        _fail(f"the cache must be a [slots, heads, head_dim] state, got {cache.shape}")
+    _, heads, d = cache.shape
+    width = _row_width(x)
+    if width == S or a["at"] + heads * d > width:
+        _fail(f"{heads} heads of {d} at column {a['at']} do not fit a row of {x.shape}")
+    want = 3 + (a["norm"] == "weighted")
+    if len(ins) != want or (want == 4 and ins[3].shape != (d,)):
+        _fail(f"expected {want} inputs (norm={a['norm']}), the norm weight [{d}] last")
+    if a["rope"] is not None and len(a["rope"][0]) * 2 != d:
+        _fail(f"rope table has {len(a['rope'][0])} frequencies for head_dim {d}")
+    return cache.shape, "f32"
 
 
 def _reshape(ins, a):
@@ -209,9 +242,12 @@ def _fused_attention(ins, a):
         width = _row_width(node)
         if width == S or at + heads * d > width:
             _fail(f"{heads} heads of {d} at column {at} do not fit a row of {node.shape}")
-    want = 3 + bin(a["norms"] & 3).count("1") + (1 if a["rope"] is not None else 0)
+    if a["cached"] and (a["norms"] & 6 or not isinstance(k.shape[0], int)):
+        _fail("keys and values read from a cache were normed before they were written; the cache has fixed slots")
+    want = 3 + bin(a["norms"] & 3).count("1") + (1 if a["rope"] is not None or a["cached"] else 0)
     if len(ins) != want:
-        _fail(f"expected {want} inputs for norms={a['norms']} rope={a['rope'] is not None}, got {len(ins)}")
+        _fail(f"expected {want} inputs for norms={a['norms']} rope={a['rope'] is not None} "
+              f"cached={a['cached']}, got {len(ins)}")
     if a["rope"] is not None and (len(a["rope"][0]) * 2 != d or ins[-1].shape != ()):
         _fail("rope table does not cover head_dim, or position not a scalar")
     return (q.shape[0], nh, d), "f32"
@@ -260,6 +296,9 @@ OPS: dict[str, OpDef] = {
     # leaves: values come from the caller (inputs) or the checkpoint (parameters)
     "input":      OpDef(_leaf, None, "none"),
     "parameter":  OpDef(_leaf, None, "none"),
+    "state":      OpDef(_state, None, "none"),          # persistent across runs (the KV cache), zero at first
+    # stateful: writes rows into a state in place; its value is the state after the write
+    "cache_write": OpDef(_cache_write, R.cache_write, "rowreduce"),
     # gather
     "embedding":  OpDef(_embedding, R.embedding, "gather"),
     # matrix
@@ -360,6 +399,23 @@ class Graph:
         return self.add_node("parameter", name=name, shape=tuple(shape), dtype=dtype,
                              fallback=fallback, parts=parts, packed=packed)
 
+    def state(self, name: str, shape: Shape) -> int:
+        """A float32 tensor that lives across runs of the program (a KV cache), zero before the first."""
+        return self.add_node("state", name=name, shape=tuple(shape), dtype="f32")
+
+    def cache_write(self, cache: int, x: int, pos: int, *, at: int = 0, norm: str | None = None,
+                    norm_w: int | None = None, eps: float = 0.0, rope=None) -> int:
+        """Write the S rows of x [S, heads, head_dim] into `cache` [slots, heads, head_dim] at slots
+        (pos + i) mod slots, in place; the value is the cache after the write (attention reads it, which
+        orders the write first). The optimizer's fused form reads the heads at column `at` of x's rows and
+        RMS-norms (norm "weighted" with norm_w, or "unit") and rotates them (rope = (inv_freq, scaling))
+        on the way in."""
+        if self.nodes[cache].op != "state":
+            raise ShapeError(f"cache_write writes into a state, not a {self.nodes[cache].op} (built at {_caller()})")
+        ins = (cache, x, pos) + ((norm_w,) if norm_w is not None else ())
+        rope = None if rope is None else (tuple(float(f) for f in rope[0]), float(rope[1]))
+        return self.add_node("cache_write", ins, at=int(at), norm=norm, eps=float(eps), rope=rope)
+
     def embedding(self, table: int, ids: int) -> int:
         return self.add_node("embedding", (table, ids))
 
@@ -403,10 +459,13 @@ class Graph:
                              attention_scaling=float(attention_scaling))
 
     def attention(self, q: int, k: int, v: int, scale: float, window: int | None = None,
-                  softcap: float | None = None) -> int:
+                  softcap: float | None = None, pos: int | None = None) -> int:
         """Causal attention over [S, heads, head_dim]; GQA when k/v have fewer heads than q.
-        A sliding `window` w lets query i see keys i-w+1 .. i."""
-        return self.add_node("attention", (q, k, v), scale=float(scale), window=window, softcap=softcap)
+        A sliding `window` w lets query i see keys i-w+1 .. i. With `pos`, k and v are caches
+        [slots, kv_heads, head_dim]: query i is at position p = pos + i and sees the keys of positions
+        max(0, p-w+1) .. p, position j held in slot j mod slots."""
+        ins = (q, k, v) + ((pos,) if pos is not None else ())
+        return self.add_node("attention", ins, scale=float(scale), window=window, softcap=softcap)
 
     def reshape(self, x: int, shape: Shape) -> int:
         return self.add_node("reshape", (x,), shape=tuple(shape))
@@ -440,16 +499,18 @@ class Graph:
     def fused_attention(self, q: int, k: int, v: int, *, heads: int, kv_heads: int, head_dim: int,
                         q_at: int = 0, k_at: int = 0, v_at: int = 0, norms: int = 0, q_norm_w: int | None = None,
                         k_norm_w: int | None = None, eps: float = 0.0, pos: int | None = None, rope=None,
-                        scale: float = 1.0, window: int | None = None, softcap: float | None = None) -> int:
+                        scale: float = 1.0, window: int | None = None, softcap: float | None = None,
+                        cached: bool = False) -> int:
         """Attention that reads its heads straight from projection outputs: head h of q is the `head_dim`
         columns at q_at + h*head_dim of each token's row (likewise k, v), so one packed Q|K|V tensor
         serves all three. On load: RMS-norm q (norms bit 1, weight q_norm_w), k (bit 2, k_norm_w),
-        v (bit 4, no weight); then RoPE q and k by `rope` = (inv_freq, attention_scaling) at `pos`."""
+        v (bit 4, no weight); then RoPE q and k by `rope` = (inv_freq, attention_scaling) at `pos`.
+        `cached`: k and v are caches as in `attention(..., pos=)`, already normed and rotated (only q is)."""
         ins = (q, k, v) + tuple(i for i in (q_norm_w, k_norm_w, pos) if i is not None)
         rope = None if rope is None else (tuple(float(f) for f in rope[0]), float(rope[1]))
         return self.add_node("fused_attention", ins, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                              q_at=q_at, k_at=k_at, v_at=v_at, norms=int(norms), eps=float(eps), rope=rope,
-                             scale=float(scale), window=window, softcap=softcap)
+                             scale=float(scale), window=window, softcap=softcap, cached=bool(cached))
 
     def add_norm(self, h: int, y: int, w: int | None, eps: float, scale_by: int | None = None) -> int:
         """(h + rms_norm(y, w)) * scale_by: a post-norm residual add, optionally with a [1] layer scalar."""
@@ -467,7 +528,7 @@ class Graph:
         """One line per node: `%i = op(%inputs) attrs : shape dtype` (weights by name)."""
         lines = []
         for i, n in enumerate(self.nodes):
-            if n.op in ("parameter", "input"):
+            if n.op in ("parameter", "input", "state"):
                 lines.append(f"%{i} = {n.op} {n.attrs['name']} : {n.shape} {n.dtype}")
                 continue
             attrs = {k: v for k, v in n.attrs.items()

@@ -26,6 +26,7 @@ class Program:
         self._bound: tuple[object, dict] | None = None
         self._runner = None
         self.optimized = None                   # the optimizer's result (report, kinds) when it ran
+        self.state: dict[str, np.ndarray] = {}  # the reference backend's persistent tensors
         device = None
         if backend == "wgpu":
             from .backend.device import open_device
@@ -97,7 +98,14 @@ class Program:
         fed, tokens = self.feed(inputs)
         if self._runner is not None:
             return self._runner.run(fed, tokens, self._checked(weights))
-        return reference.run(self.graph, fed, self.params(weights))
+        return reference.run(self.graph, fed, self.params(weights), self.state)
+
+    def reset_state(self):
+        """Zero the persistent tensors (KV caches): the next run starts a new sequence."""
+        if self._runner is not None:
+            self._runner.reset_states()
+        for arr in self.state.values():
+            arr[...] = 0
 
 
 def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True) -> Program:

@@ -81,9 +81,14 @@ def rope(x, start, *, inv_freq, attention_scaling):
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(f32, copy=False)
 
 
-def attention(q, k, v, *, scale, window, softcap):
+def attention(q, k, v, start=None, *, scale, window, softcap):
     """Causal softmax attention. q: [S, nH, d], k/v: [T, nKV, d] with the S queries being the last S
-    of the T positions. Query i (absolute index T-S+i) sees keys j with i-w < j <= i."""
+    of the T positions. Query i (absolute index T-S+i) sees keys j with i-w < j <= i.
+    With `start`, k/v are caches of C slots holding position j in slot j mod C, and the queries are at
+    positions start .. start+S-1: the cache is unrolled to T = start + S positions first."""
+    if start is not None:
+        t = int(start) + q.shape[0]
+        k, v = unroll_cache(k, t, q.shape[0], window), unroll_cache(v, t, q.shape[0], window)
     s, n_heads, _ = q.shape
     t, n_kv, _ = k.shape
     group = n_heads // n_kv
@@ -100,6 +105,33 @@ def attention(q, k, v, *, scale, window, softcap):
     scores = np.where(allowed[None], scores, -np.inf).astype(f32)
     p = softmax(scores)
     return np.einsum("hst,thd->shd", p, vh, dtype=f32)
+
+
+def unroll_cache(cache, t, s, window):
+    """Positions 0..t-1 of a ring-buffer cache after the step that wrote positions t-s .. t-1. Positions
+    before the first query's window may have been overwritten: they come out as whatever the slot holds,
+    and the mask hides them. A cache too small for what the queries see is an error, not a wrong answer."""
+    slots = cache.shape[0]
+    first_seen = 0 if window is None else max(0, t - s - window + 1)
+    if t - first_seen > slots:
+        raise ValueError(f"a cache of {slots} slots cannot hold the {t - first_seen} positions these "
+                         f"{s} queries see")
+    return cache[np.arange(t) % slots]
+
+
+def cache_write(cache, x, start, *extra, at, norm, eps, rope):
+    """Write x's rows (heads read at column `at`, then normed and rotated) into cache slots
+    (start + i) mod slots, in place, and return the cache."""
+    slots, heads, d = cache.shape
+    rows = x.reshape(x.shape[0], -1)[:, at:at + heads * d].reshape(x.shape[0], heads, d)
+    if norm is not None:
+        rows = rms_norm(rows, extra[0] if norm == "weighted" else None, eps=eps)
+    if rope is not None:
+        rows = globals()["rope"](rows, start, inv_freq=rope[0], attention_scaling=rope[1])
+    if rows.shape[0] > slots:
+        raise ValueError(f"{rows.shape[0]} tokens do not fit a cache of {slots} slots")
+    cache[(int(start) + np.arange(rows.shape[0])) % slots] = rows
+    return cache
 
 
 def reshape(x, *, shape):
@@ -150,7 +182,7 @@ def linear(x, w, *extra, norm, eps, bias, act, softcap, residual):
 
 
 def fused_attention(q, k, v, *extra, heads, kv_heads, head_dim, q_at, k_at, v_at, norms, eps, rope,
-                    scale, window, softcap):
+                    scale, window, softcap, cached):
     extra = list(extra)
 
     def heads_of(t, at, n):
@@ -163,11 +195,12 @@ def fused_attention(q, k, v, *extra, heads, kv_heads, head_dim, q_at, k_at, v_at
         k = rms_norm(k, extra.pop(0), eps=eps)
     if norms & 4:
         v = rms_norm(v, None, eps=eps)
+    start = extra.pop(0) if rope is not None or cached else None
     if rope is not None:
-        start = extra.pop(0)
         q = globals()["rope"](q, start, inv_freq=rope[0], attention_scaling=rope[1])
-        k = globals()["rope"](k, start, inv_freq=rope[0], attention_scaling=rope[1])
-    return attention(q, k, v, scale=scale, window=window, softcap=softcap)
+        if not cached:
+            k = globals()["rope"](k, start, inv_freq=rope[0], attention_scaling=rope[1])
+    return attention(q, k, v, start if cached else None, scale=scale, window=window, softcap=softcap)
 
 
 def add_norm(h, y, *extra, eps, weighted, scaled):
@@ -190,8 +223,10 @@ def moe(x, route, gate_up, down, *, act, k):
 
 # ---------------------------------------------------------------- the executor
 
-def run(graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Evaluate `graph`'s outputs. `inputs` by input name, `params` (float32) by parameter name."""
+def run(graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
+        state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Evaluate `graph`'s outputs. `inputs` by input name, `params` (float32) by parameter name; `state`
+    holds the graph's persistent tensors by name (created as zeros when absent) and is updated in place."""
     from .graph import OPS
 
     last_use = {}
@@ -205,6 +240,12 @@ def run(graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray
             values[i] = inputs[n.attrs["name"]]
         elif n.op == "parameter":
             values[i] = params[n.attrs["name"]]
+        elif n.op == "state":
+            if state is None:
+                state = {}
+            if n.attrs["name"] not in state:
+                state[n.attrs["name"]] = np.zeros(n.shape, f32)
+            values[i] = state[n.attrs["name"]]
         else:
             values[i] = OPS[n.op].meaning(*(values[j] for j in n.inputs), **n.attrs)
         for j in n.inputs:

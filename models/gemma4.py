@@ -18,7 +18,7 @@ from dataclasses import dataclass, field as dc_field
 
 from meganeura.graph import S, Graph
 
-from . import rope
+from . import cache as kv, rope
 from .hf import ConfigError, field, read_config, require
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -248,7 +248,10 @@ def small_test() -> Gemma4Config:
 
 # ---------------------------------------------------------------- the forward pass
 
-def build_graph(g: Graph, cfg: Gemma4Config, seq_len: int | None = None) -> int:
+def build_graph(g: Graph, cfg: Gemma4Config, seq_len: int | None = None, cache: kv.KVCache | None = None) -> int:
+    """The logits [S, vocab] of the tokens fed as "token_ids", the first at position "start_pos". With a
+    `cache`, attention also sees what earlier steps wrote; a KV-sharing layer reads its producer's cache
+    and writes none."""
     hsz, n_layers, eps = cfg.hidden_size, cfg.num_hidden_layers, cfg.rms_norm_eps
     ple_dim = cfg.hidden_size_per_layer_input
 
@@ -280,6 +283,7 @@ def build_graph(g: Graph, cfg: Gemma4Config, seq_len: int | None = None) -> int:
         if (kind, d) not in tables:
             tables[kind, d] = rope.inv_freq(cfg.rope_parameters[kind], d)
         inv, scaling = tables[kind, d]
+        window = cfg.sliding_window if kind == SLIDING else None
 
         def lin(x, name, n_out, n_in):
             b = w(p + name + ".bias", n_out) if cfg.attention_bias else None
@@ -296,11 +300,13 @@ def build_graph(g: Graph, cfg: Gemma4Config, seq_len: int | None = None) -> int:
                 g.reshape(lin(x, "self_attn.v_proj", nkv * d, hsz), (S, nkv, d))
             k = g.rope(norm(k_raw, p + "self_attn.k_norm.weight", d), pos, inv, scaling)
             v = norm(v_raw)
+            if cache is not None:
+                k, v = kv.write(g, cache, "model." + p + "self_attn.", k, v, pos, window)
             shared_kv[layer] = (k, v)
         else:
             k, v = shared_kv[producer]
-        window = cfg.sliding_window if kind == SLIDING else None
-        a = g.reshape(g.attention(q, k, v, scale=1.0, window=window), (S, nh * d))
+        a = g.attention(q, k, v, scale=1.0, window=window, pos=None if cache is None else pos)
+        a = g.reshape(a, (S, nh * d))
         h = g.add(h, norm(lin(a, "self_attn.o_proj", hsz, nh * d), p + "post_attention_layernorm.weight"))
 
         # --- feed-forward: dense gated MLP, with a parallel MoE branch on the same residual

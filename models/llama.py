@@ -12,7 +12,7 @@ from dataclasses import dataclass, field as dc_field
 
 from meganeura.graph import S, Graph
 
-from . import rope
+from . import cache as kv, rope
 from .hf import ConfigError, field, read_config, require
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -123,7 +123,7 @@ def param(g: Graph, name: str, *shape: int) -> int:
     return g.parameter(name, shape)
 
 
-def attention_block(g: Graph, cfg: LlamaConfig, layer: int, x: int, pos: int) -> int:
+def attention_block(g: Graph, cfg: LlamaConfig, layer: int, x: int, pos: int, cache: kv.KVCache | None) -> int:
     p = f"model.layers.{layer}.self_attn."
     hsz, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     qkv_bias = cfg.attention_bias or cfg.qkv_bias
@@ -139,7 +139,12 @@ def attention_block(g: Graph, cfg: LlamaConfig, layer: int, x: int, pos: int) ->
         k = g.rms_norm(k, param(g, p + "k_norm.weight", d), cfg.rms_norm_eps)
     inv, scaling = rope.inv_freq(cfg.rope_parameters, d)
     q, k = g.rope(q, pos, inv, scaling), g.rope(k, pos, inv, scaling)
-    a = g.attention(q, k, v, scale=d ** -0.5, window=cfg.window(layer))
+    window = cfg.window(layer)
+    if cache is None:
+        a = g.attention(q, k, v, scale=d ** -0.5, window=window)
+    else:
+        k, v = kv.write(g, cache, p, k, v, pos, window)
+        a = g.attention(q, k, v, scale=d ** -0.5, window=window, pos=pos)
     o_bias = param(g, p + "o_proj.bias", hsz) if cfg.attention_bias else None
     return g.linear(g.reshape(a, (S, nh * d)), param(g, p + "o_proj.weight", hsz, nh * d), o_bias)
 
@@ -160,25 +165,27 @@ def dense_mlp(g: Graph, cfg: LlamaConfig, layer: int, x: int) -> int:
     return mlp(g, cfg, f"model.layers.{layer}.mlp.", x, cfg.intermediate_size)
 
 
-def decoder_layer(g: Graph, cfg, layer: int, h: int, pos: int, feed_forward=dense_mlp) -> int:
+def decoder_layer(g: Graph, cfg, layer: int, h: int, pos: int, feed_forward=dense_mlp, cache=None) -> int:
     p = f"model.layers.{layer}."
     eps = cfg.rms_norm_eps
     x = g.rms_norm(h, param(g, p + "input_layernorm.weight", cfg.hidden_size), eps)
-    h = g.add(h, attention_block(g, cfg, layer, x, pos))
+    h = g.add(h, attention_block(g, cfg, layer, x, pos, cache))
     x = g.rms_norm(h, param(g, p + "post_attention_layernorm.weight", cfg.hidden_size), eps)
     return g.add(h, feed_forward(g, cfg, layer, x))
 
 
-def build_graph(g: Graph, cfg: LlamaConfig, seq_len: int | None = None, feed_forward=dense_mlp) -> int:
+def build_graph(g: Graph, cfg: LlamaConfig, seq_len: int | None = None, feed_forward=dense_mlp,
+                cache: kv.KVCache | None = None) -> int:
     """The logits [S, vocab] of one forward pass over the tokens fed as input "token_ids" starting at
-    position "start_pos". The token count S is symbolic; `seq_len` is accepted for API symmetry."""
+    position "start_pos". The token count S is symbolic; `seq_len` is accepted for API symmetry.
+    With a `cache`, attention also sees the positions before start_pos that earlier steps wrote."""
     v, hsz = cfg.vocab_size, cfg.hidden_size
     ids = g.input("token_ids", (S,), "u32")
     pos = g.input("start_pos", (), "i32", default=0)
     embed = g.parameter("model.embed_tokens.weight", (v, hsz))
     h = g.embedding(embed, ids)
     for layer in range(cfg.num_hidden_layers):
-        h = decoder_layer(g, cfg, layer, h, pos, feed_forward)
+        h = decoder_layer(g, cfg, layer, h, pos, feed_forward, cache)
     h = g.rms_norm(h, param(g, "model.norm.weight", hsz), cfg.rms_norm_eps)
     lm_head = g.parameter("lm_head.weight", (v, hsz),
                           fallback="model.embed_tokens.weight" if cfg.tie_word_embeddings else None)

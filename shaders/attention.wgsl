@@ -1,4 +1,5 @@
-// Causal (optionally sliding-window) softmax attention, one workgroup per (query, head).
+// Causal (optionally sliding-window) softmax attention, one workgroup per (query, head). Keys are the
+// step's own (position j in row j) or a ring-buffer cache (position j in slot j mod slots).
 // Keys are visited in blocks of 64 with an online softmax, so any cache length fits in workgroup memory.
 // Heads are read straight out of [tokens, row] tensors at a column offset, so one packed Q|K|V projection
 // can serve all three. Specialised by substitution: q and k may be RMS-normed (q_elem/k_elem) and
@@ -40,6 +41,9 @@ fn reduce_sum(x: f32, li: u32) -> f32 {
     return r;
 }
 
+// The row that holds key position j.
+fn slot(j: u32) -> u32 { return ${slot}; }
+
 // The rotate_half partner of element d: pairs (d, d + D/2) turn together.
 fn partner(d: u32) -> u32 { return select(d - HALF, d + HALF, d < HALF); }
 
@@ -72,7 +76,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var s = -3.0e38;
         if (j <= qi) {
             // This thread's key, normed and rotated on the fly (recomputed by every query's workgroup).
-            let k_base = j * ${k_row}u + ${k_at}u + g * D;
+            let k_base = slot(j) * ${k_row}u + ${k_at}u + g * D;
             ${k_rms}
             var dot = 0.0;
             for (var d = 0u; d < D; d = d + 1u) {
@@ -92,7 +96,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         for (var d = li; d < D; d = d + WG) {
             var a = acc[d] * correction;
             for (var t = 0u; t < count; t = t + 1u) {
-                let v_base = (j0 + t) * ${v_row}u + ${v_at}u + g * D;
+                let v_base = slot(j0 + t) * ${v_row}u + ${v_at}u + g * D;
                 a = a + scores[t] * ${v_value};
             }
             acc[d] = a;

@@ -156,7 +156,7 @@ class Context:
 
 def lower(ctx: Context, node_id: int) -> list[Kernel]:
     node = ctx.graph[node_id]
-    if node.op in ("input", "parameter", "reshape"):
+    if node.op in ("input", "parameter", "state", "reshape"):
         return []
     return LOWERINGS[node.op](ctx, node_id, node)
 
@@ -502,7 +502,7 @@ def _row_width(node: Node) -> int:
 def _attention(ctx, node_id, node: Node) -> list[Kernel]:
     q, k = ctx.graph[node.inputs[0]], ctx.graph[node.inputs[1]]
     plain = dict(heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[2], q_at=0, k_at=0, v_at=0, norms=0,
-                 eps=0.0, rope=None)
+                 eps=0.0, rope=None, cached=len(node.inputs) == 4)
     return _attend(ctx, node_id, node.inputs, {**node.attrs, **plain}, "attention")
 
 
@@ -532,7 +532,7 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
         k_elem = "return load_k(k_base + d) * r * load_k_norm(d);"
     v_rms, v_value = "", "load_v(v_base + d)"
     if norms & 4:
-        v_rms = (f"let v_base = j * {_row_width(v)}u + {a['v_at']}u + g * D;\n            var v_ss = 0.0;\n"
+        v_rms = (f"let v_base = slot(j) * {_row_width(v)}u + {a['v_at']}u + g * D;\n            var v_ss = 0.0;\n"
                  "            for (var d = 0u; d < D; d = d + 1u) { let x = load_v(v_base + d); v_ss = v_ss + x * x; }\n"
                  f"            v_scale[li] = {rms.format('v_ss')};")
         v_value = "(load_v(v_base + d) * v_scale[t])"
@@ -544,18 +544,57 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
         bindings.append(Binding("table", Ref("rope", key), "f32"))
         parts.append(ROTATE)
         q_value = "rotate(q_elem(d, rq), q_elem(partner(d), rq), i, d)"
-        k_value = "rotate(k_elem(k_base, d, rk), k_elem(k_base, partner(d), rk), j, d)"
+        if not a["cached"]:                 # a cache holds keys already rotated
+            k_value = "rotate(k_elem(k_base, d, rk), k_elem(k_base, partner(d), rk), j, d)"
     window = a["window"]
     window_lo = f"if (qi + 1u >= {window}u) {{ lo = qi + 1u - {window}u; }}" if window else ""
     softcap = f"s = {lit(a['softcap'])} * tanh_(s / {lit(a['softcap'])});" if a["softcap"] else ""
     if softcap:
         parts.append(TANH)
+    cached = a["cached"]
     return [_kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1),
                     prelude=helpers(*parts), head_dim=d, half=d // 2, eps=lit(a["eps"]), queries=dim(q.shape[0]),
-                    keys=dim(k.shape[0]), group=nh // nkv, q_heads=nh, q_row=_row_width(q), k_row=_row_width(k),
+                    keys="(step.start + step.S)" if cached else dim(k.shape[0]),
+                    slot=f"j % {k.shape[0]}u" if cached else "j", group=nh // nkv, q_heads=nh, q_row=_row_width(q), k_row=_row_width(k),
                     v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"], q_rms=q_rms, q_elem=q_elem,
                     k_rms=k_rms, k_elem=k_elem, q_value=q_value, k_value=k_value, v_rms=v_rms, v_value=v_value,
                     scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap)]
+
+
+def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
+    """One workgroup per (token, head): read the head at column `at` of the token's row, RMS-norm and
+    rotate it, store it in slot (start + token) mod slots of the cache (bound as this node's output)."""
+    cache, x = ctx.graph[node.inputs[0]], ctx.graph[node.inputs[1]]
+    slots, heads, d = cache.shape
+    a = node.attrs
+    bindings, parts = [ctx.value(node.inputs[1], "x")], []
+    body = [f"    let token = row / {heads}u;",
+            f"    let src = token * {_row_width(x)}u + {a['at']}u + (row % {heads}u) * n;",
+            f"    let dst = ((step.start + token) % {slots}u) * {heads * d}u + (row % {heads}u) * n;"]
+    if a["norm"] is not None:
+        body.append(_row_rms("load_x", a["eps"]).replace("base + j", "src + j"))
+    if a["norm"] == "weighted":
+        bindings.append(ctx.value(node.inputs[3], "w"))
+
+    def elem(j: str) -> str:
+        """Element j of the head after its norm."""
+        return f"load_x(src + {j})" + " * r" * (a["norm"] is not None) + f" * load_w({j})" * (a["norm"] == "weighted")
+
+    value = elem("j")
+    if a["rope"] is not None:
+        inv_freq, scaling = a["rope"]
+        key = ctx.rope_key(Node("rope", (), {"inv_freq": inv_freq, "attention_scaling": scaling}, (), "f32"))
+        bindings.append(Binding("table", Ref("rope", key), "f32"))
+        parts += [f"const HALF: u32 = {d // 2}u;", ROTATE]
+        body.append("    for (var j = li; j < n; j = j + WG) {\n"
+                    "        let p = select(j - HALF, j + HALF, j < HALF);\n"
+                    f"        out[dst + j] = rotate({value}, {elem('p')}, token, j);\n    }}")
+    else:
+        body.append(f"    for (var j = li; j < n; j = j + WG) {{ out[dst + j] = {value}; }}")
+    rows = f"(step.S * {heads}u)"
+    return [_kernel(ctx, "cache_write", "rowreduce", bindings + [_out(node_id)],
+                    lambda s: grid_1d(s * heads, 1), prelude=helpers(*parts), rows=rows, width=d,
+                    body="\n".join(body))]
 
 
 def _moe(ctx, node_id, node: Node) -> list[Kernel]:
@@ -596,5 +635,5 @@ LOWERINGS = {
     "softcap": _pointwise, "sigmoid": _pointwise, "glu": _glu, "slice": _slice, "rope": _rope,
     "rms_norm": _rms_norm, "softmax": _softmax, "topk_route": _topk_route, "add_norm": _add_norm,
     "matmul": _matmul, "linear": _linear, "embedding": _embedding, "moe": _moe,
-    "attention": _attention, "fused_attention": _fused_attention,
+    "attention": _attention, "fused_attention": _fused_attention, "cache_write": _cache_write,
 }

@@ -1,6 +1,7 @@
 """Buffer planning: which arena slot holds each activation, by liveness, for a given token capacity.
 
-Reshapes are views (they share their source's slot). A slot is reused by a later value once every
+Reshapes are views (they share their source's slot); a cache write's value is its state, which lives
+outside the arena (states persist across steps). A slot is reused by a later value once every
 reader of its current value has been dispatched; graph outputs and inputs keep their slots. Per-op
 scratch lives only during its op.
 """
@@ -13,8 +14,8 @@ from .kernels import Kernel, numel_at
 
 
 def base_of(graph: Graph, node_id: int) -> int:
-    """The node whose storage `node_id` views (following reshapes)."""
-    while graph[node_id].op == "reshape":
+    """The node whose storage `node_id` views (following reshapes and cache writes to their state)."""
+    while graph[node_id].op in ("reshape", "cache_write"):
         node_id = graph[node_id].inputs[0]
     return node_id
 
@@ -56,13 +57,13 @@ def plan_arena(graph: Graph, kernels: dict[int, list[Kernel]], capacity: int) ->
         return len(plan.slot_sizes) - 1
 
     for i, node in enumerate(graph.nodes):
-        if node.op in ("parameter", "reshape") or (node.op == "input" and node.shape == ()):
-            continue
-        plan.value_slot[i] = take(value_bytes(graph, i, capacity))
-        scratch = [b.ref for k in kernels.get(i, []) for b in k.bindings if b.ref.kind == "scratch"]
-        if scratch:
-            plan.scratch_slot[i] = take(padded(scratch[0].window * capacity))   # window: bytes per token
-            free.append(plan.scratch_slot[i])
+        views = node.op in ("parameter", "state", "reshape", "cache_write")
+        if not views and not (node.op == "input" and node.shape == ()):
+            plan.value_slot[i] = take(value_bytes(graph, i, capacity))
+            scratch = [b.ref for k in kernels.get(i, []) for b in k.bindings if b.ref.kind == "scratch"]
+            if scratch:
+                plan.scratch_slot[i] = take(padded(scratch[0].window * capacity))   # window: bytes per token
+                free.append(plan.scratch_slot[i])
         for j in {base_of(graph, j) for j in node.inputs}:
             if last_use.get(j) == i and j in plan.value_slot and j not in pinned:
                 free.append(plan.value_slot[j])

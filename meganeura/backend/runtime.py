@@ -86,6 +86,7 @@ class WgpuRunner:
         self.kernels: dict[int, list[Kernel]] = {}
         self.arena: ArenaPlan | None = None
         self.rope_tables: dict[tuple, int] = {}
+        self.states: dict[str, object] = {}        # persistent tensors (KV caches), kept across steps
         scalars = [n.attrs["name"] for n in graph.nodes if n.op == "input" and n.shape == ()]
         if any(s != "start_pos" for s in scalars):
             raise ValueError(f"the wgpu backend passes only 'start_pos' as a scalar input, got {scalars}")
@@ -227,8 +228,24 @@ class WgpuRunner:
                                                   usage=u.MAP_READ | u.COPY_DST)
                         for o in self.graph.outputs}
 
+    def _state(self, node: Node):
+        name = node.attrs["name"]
+        if name not in self.states:
+            self.states[name] = self._new_buffer(numel_at(node.shape, 0) * 4)      # zeroed by wgpu
+        return self.states[name]
+
+    def reset_states(self):
+        """Zero every persistent tensor (a fresh KV cache)."""
+        enc = self.gpu.create_command_encoder()
+        for buf in self.states.values():
+            enc.clear_buffer(buf)
+        self.gpu.queue.submit([enc.finish()])
+
     def _buffer(self, ref: Ref, node_id: int):
         if ref.kind == "node":
+            base = self.graph[base_of(self.graph, ref.key)]
+            if base.op == "state":
+                return self._state(base)
             return self.slots[self.arena.value_slot[base_of(self.graph, ref.key)]]
         if ref.kind == "param":
             return self.params[ref.key].buffers[ref.window]

@@ -60,14 +60,20 @@ def _lower_attn(a, t):
     attrs = dict(t.attention[key], q_at=q_at, k_at=k_at, v_at=v_at, norms=norms, eps=eps,
                  rope=t.ropes[rope] if rope >= 0 else None)
     ins = [q, k, v] + (_opt(qw) if norms & 1 else []) + (_opt(kw) if norms & 2 else []) + \
-        (_opt(pos) if rope >= 0 else [])
+        (_opt(pos) if rope >= 0 or attrs["cached"] else [])
     return Lowered("fused_attention", attrs, ins, True)
 
 
 def _lower_attention(a, t):
-    attrs = t.attention[a[3]]
+    attrs = t.attention[a[-1]]
     return Lowered("attention", dict(scale=attrs["scale"], window=attrs["window"], softcap=attrs["softcap"]),
-                   list(a[:3]), True)
+                   list(a[:-1]), True)
+
+
+def _lower_cache_write(a, t):
+    c, x, pos, at, nw, norm, eps, rope = a
+    return Lowered("cache_write", dict(at=at, norm=norm or None, eps=eps, rope=t.ropes[rope] if rope >= 0 else None),
+                   [c, x, pos] + (_opt(nw) if norm == "weighted" else []), True)
 
 
 def _k(op, **fixed):
@@ -84,6 +90,7 @@ def _k(op, **fixed):
 LOWER: dict[str, Callable] = {
     "Input": lambda a, t: Lowered("input", dict(name=a[0], shape=parse_shape(a[1]), dtype=a[2]), [], False),
     "Param": lambda a, t: Lowered("parameter", dict(name=a[0]), [], False),
+    "State": lambda a, t: Lowered("state", dict(name=a[0], shape=parse_shape(a[1])), [], False),
     "Stacked": lambda a, t: Lowered("parameter", dict(name=a[0]), [], False),
     "Pack2": lambda a, t: Lowered("pack", {}, list(a), False),
     "Pack3": lambda a, t: Lowered("pack", {}, list(a), False),
@@ -106,6 +113,8 @@ LOWER: dict[str, Callable] = {
     "Softmax": _k("softmax"),
     "TopK": lambda a, t: Lowered("topk_route", dict(k=a[1], normalize=bool(a[2])), [a[0]], True),
     "Attention": _lower_attention,
+    "CachedAttention": _lower_attention,
+    "CWrite": _lower_cache_write,
     "Reshape": lambda a, t: Lowered("reshape", dict(shape=parse_shape(a[1])), [a[0]], False),
     "Slice": _k("slice", attrs=("axis", "start", "stop")),
     "Glu": lambda a, t: Lowered("glu", dict(act=a[0]), [a[1], a[2]], True),
@@ -140,6 +149,8 @@ def shape_info(lowered: Lowered, child_infos: dict, tables, tokens: int):
     if lowered.op == "parameter":
         node = tables.params[lowered.attrs["name"]]
         return node.shape, node.dtype, nbytes(node.shape, node.dtype, tokens)
+    if lowered.op == "state":
+        return lowered.attrs["shape"], "f32", nbytes(lowered.attrs["shape"], "f32", tokens)
     infos = [child_infos[r.cid] for r in lowered.inputs]
     if lowered.op == "pack":
         first = infos[0][0]
@@ -166,7 +177,7 @@ def packed_name(names: list[str]) -> str:
 class Emitter:
     """Appends the chosen e-nodes to a graph, each class once, inputs first."""
 
-    def __init__(self, graph: Graph, best: dict, tables, nil_class: str | None, leaf: Callable[[dict], int]):
+    def __init__(self, graph: Graph, best: dict, tables, nil_class: str | None, leaf: Callable[[str, dict], int]):
         self.g, self.best, self.tables, self.nil_class, self.leaf = graph, best, tables, nil_class, leaf
         self.done: dict[str, int] = {}
         self.params: dict[str, int] = {n.attrs["name"]: i for i, n in enumerate(graph.nodes) if n.op == "parameter"}
@@ -196,8 +207,8 @@ class Emitter:
         return self.done[cid]
 
     def _make(self, low: Lowered) -> int:
-        if low.op == "input":
-            return self.leaf(low.attrs)
+        if low.op in ("input", "state"):
+            return self.leaf(low.op, low.attrs)
         if low.op == "parameter":
             n = self.tables.params[low.attrs["name"]]
             a = n.attrs

@@ -34,6 +34,7 @@ class Encoding:
     graph: Graph
     lines: list[str] = field(default_factory=list)
     params: dict[str, Node] = field(default_factory=dict)         # key -> parameter node
+    states: dict[str, Node] = field(default_factory=dict)         # name -> state node
     inputs: dict[str, int] = field(default_factory=dict)          # name -> input node id
     ropes: list[tuple] = field(default_factory=list)              # table id -> (inv_freq, attention_scaling)
     attention: dict[str, dict] = field(default_factory=dict)      # key -> attention attrs
@@ -71,6 +72,13 @@ def term(enc: Encoding, i: int) -> str:
         enc.params[a["name"]] = n
         plain = a["parts"] is None and a.get("packed") is None
         return f"({'Param' if plain else 'Stacked'} {q(a['name'])} {q(shape_text(n.shape))} {q(n.dtype)})"
+    if op == "state":
+        enc.states[a["name"]] = n
+        return f"(State {q(a['name'])} {q(shape_text(n.shape))})"
+    if op == "cache_write":
+        nw = v[3] if a["norm"] == "weighted" else "(Nil)"
+        rope = enc.rope_id(*a["rope"]) if a["rope"] is not None else -1
+        return f"(CWrite {v[0]} {v[1]} {v[2]} {a['at']} {nw} {q(a['norm'] or '')} {f64(a['eps'])} {rope})"
     if op == "matmul":
         return f"({'MatMulT' if a['transpose_b'] else 'MatMul'} {v[0]} {v[1]})"
     if op == "rope":
@@ -79,16 +87,20 @@ def term(enc: Encoding, i: int) -> str:
         return f"(RmsNorm {v[0]} {v[1]} {f64(a['eps'])})" if len(v) == 2 else f"(RmsNormU {v[0]} {f64(a['eps'])})"
     if op == "attention":
         qs, ks = g[n.inputs[0]].shape, g[n.inputs[1]].shape
+        cached = len(v) == 4
         key = enc.attention_key(dict(heads=qs[1], kv_heads=ks[1], head_dim=qs[2], scale=a["scale"],
-                                     window=a["window"], softcap=a["softcap"]))
+                                     window=a["window"], softcap=a["softcap"], cached=cached))
+        if cached:
+            return f"(CachedAttention {v[0]} {v[1]} {v[2]} {v[3]} {q(key)})"
         return f"(Attention {v[0]} {v[1]} {v[2]} {q(key)})"
     if op == "fused_attention":
         rest = list(v[3:])
         qw = rest.pop(0) if a["norms"] & 1 else "(Nil)"
         kw = rest.pop(0) if a["norms"] & 2 else "(Nil)"
-        pos = rest.pop(0) if a["rope"] is not None else "(Nil)"
+        pos = rest.pop(0) if a["rope"] is not None or a["cached"] else "(Nil)"
         rope = enc.rope_id(*a["rope"]) if a["rope"] is not None else -1
-        key = enc.attention_key({k: a[k] for k in ("heads", "kv_heads", "head_dim", "scale", "window", "softcap")})
+        key = enc.attention_key({k: a[k] for k in ("heads", "kv_heads", "head_dim", "scale", "window", "softcap",
+                                                   "cached")})
         return (f"(Attn {v[0]} {v[1]} {v[2]} {a['q_at']} {a['k_at']} {a['v_at']} {a['norms']} {qw} {kw} "
                 f"{f64(a['eps'])} {pos} {rope} {q(key)})")
     if op == "linear":

@@ -22,10 +22,12 @@ LAYER = re.compile(r"layers\.(\d+)\.")
 NAME_ATTRS = ("name", "fallback")
 
 
-def _rename(attrs: dict, old: str, new: str) -> dict:
-    """Weight names in a parameter's attrs with `old` (a layer prefix) replaced by `new`."""
-    if "fallback" not in attrs or old == new:             # not a parameter
+def _rename(op: str, attrs: dict, old: str, new: str) -> dict:
+    """The names in a weight's or state's attrs with `old` (a layer prefix) replaced by `new`."""
+    if op not in ("parameter", "state") or old == new:
         return attrs
+    if op == "state":
+        return dict(attrs, name=attrs["name"].replace(old, new))
     sub = (lambda s: None if s is None else s.replace(old, new))
     out = dict(attrs)
     for k in NAME_ATTRS:
@@ -64,7 +66,7 @@ def segments(graph: Graph) -> list[Segment]:
         labels = ["all"] * len(graph)
     order, segs = [], {}
     for i, n in enumerate(graph.nodes):
-        if n.op in ("input", "parameter"):
+        if n.op in ("input", "parameter", "state"):
             continue
         if labels[i] not in segs:
             segs[labels[i]] = Segment(labels[i], [])
@@ -103,7 +105,7 @@ def _subgraph(graph: Graph, seg: Segment) -> Graph:
 def _signature(sub: Graph, prefix: str | None) -> str:
     rows = []
     for n in sub.nodes:
-        attrs = _rename(n.attrs, prefix, "layers.#.") if prefix else n.attrs
+        attrs = _rename(n.op, n.attrs, prefix, "layers.#.") if prefix else n.attrs
         rows.append((n.op, n.inputs, n.shape, n.dtype, sorted(attrs.items(), key=lambda kv: kv[0])))
     return repr((rows, sub.outputs))
 
@@ -135,11 +137,14 @@ def optimize_segment(sub: Graph, cost: DeviceCost, tokens: int, keep: bool) -> K
     opt = Graph()
     inputs = {}
 
-    def leaf(attrs):
+    def leaf(op, attrs):
         name = attrs["name"]
         if name not in inputs:
-            node = sub[enc.inputs[name]]
-            inputs[name] = opt.input(name, node.shape, node.dtype, default=node.attrs["default"])
+            if op == "state":
+                inputs[name] = opt.state(name, attrs["shape"])
+            else:
+                node = sub[enc.inputs[name]]
+                inputs[name] = opt.input(name, node.shape, node.dtype, default=node.attrs["default"])
         return inputs[name]
 
     emitter = Emitter(opt, best, enc, egraph.nil, leaf)
@@ -173,8 +178,8 @@ def _stitch(graph: Graph, segs: list[Segment], kind_of: dict, kinds: dict) -> Gr
         for i, n in enumerate(kind.graph.nodes):
             if n.op == "input" and n.attrs["name"].startswith("%ext"):
                 new[i] = value[seg.externals[int(n.attrs["name"][4:])]]
-            elif n.op in ("input", "parameter"):
-                attrs = _rename(n.attrs, old, seg.prefix) if old else n.attrs
+            elif n.op in ("input", "parameter", "state"):
+                attrs = _rename(n.op, n.attrs, old, seg.prefix) if old else n.attrs
                 new[i] = leaf(n.op, attrs)
             else:
                 new[i] = out.add_node(n.op, tuple(new[j] for j in n.inputs), **n.attrs)
@@ -244,7 +249,7 @@ def step_estimate(graph: Graph, cost: DeviceCost, tokens: int = 1) -> tuple[int,
 
     kernels = moved = 0
     for i, n in enumerate(graph.nodes):
-        if n.op in ("input", "parameter", "reshape"):
+        if n.op in ("input", "parameter", "state", "reshape"):
             continue
         kernels += 1
         moved += sum(size(j) for j in set(n.inputs)) + size(i)

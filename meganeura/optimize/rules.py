@@ -19,12 +19,14 @@ from dataclasses import dataclass
 # Lin   x w norm_w bias residual norm act softcap eps     one GEMM: norm prologue, bias/gate/softcap/residual
 # Attn  q k v q_at k_at v_at norms q_norm_w k_norm_w eps pos rope attrs      attention reading packed heads
 # AddNorm h y norm_w scale eps                             (h + rms_norm(y)) * scale, one row pass
+# CWrite cache x pos at norm_w norm eps rope               heads at column `at` of x, normed, rotated, into the cache
 # Absent optional operands are (Nil); absent options are "" / 0.0 / -1.
 DATATYPE = """\
 (datatype T
   (Nil)
   (Input String String String)
   (Param String String String)
+  (State String String)
   (Stacked String String String)
   (Pack2 T T)
   (Pack3 T T T)
@@ -45,6 +47,8 @@ DATATYPE = """\
   (Softmax T)
   (TopK T i64 i64)
   (Attention T T T String)
+  (CachedAttention T T T T String)
+  (CWrite T T T i64 T String f64 i64)
   (Reshape T String)
   (Slice T i64 i64 i64)
   (Glu String T T)
@@ -80,6 +84,10 @@ def _lin(x, w, nw="(Nil)", b="(Nil)", r="(Nil)", norm='""', act='""', cap="0.0",
 
 def _attn(q, k, v, at="0 0 0", norms="0", qw="(Nil)", kw="(Nil)", eps="0.0", pos="(Nil)", rope="-1", a="a"):
     return f"(Attn {q} {k} {v} {at} {norms} {qw} {kw} {eps} {pos} {rope} {a})"
+
+
+def _cw(c, x, at="0", nw="(Nil)", norm='""', eps="0.0", rope="-1", p="p"):
+    return f"(CWrite {c} {x} {p} {at} {nw} {norm} {eps} {rope})"
 
 
 def _proj(x, w, b="(Nil)"):
@@ -148,6 +156,22 @@ RULES: tuple[Rule, ...] = (
          _attn("q", "k", "(RmsNormU v eps)", norms="3", qw="qw", kw="kw", eps="eps", pos="p", rope="t"),
          _attn("q", "k", "v", norms="7", qw="qw", kw="kw", eps="eps", pos="p", rope="t"),
          "Gemma's gainless v norm is applied on load too"),
+    # -- fusion: a KV cache is written through the key's norm and RoPE; attention over it rotates q only
+    Rule("cached-attention", "fusion", "(CachedAttention q k v p a)", _attn("q", "k", "v", pos="p"),
+         "attention over a cache reads its query heads from any row layout too"),
+    Rule("rope-into-cache-write", "fusion", _cw("c", "(Rope x p t)"), _cw("c", "x", rope="t"),
+         "keys are rotated on their way into the cache: the rotated tensor is never written elsewhere"),
+    Rule("norm-into-cache-write", "fusion", _cw("c", "(RmsNorm x w eps)", rope="t"),
+         _cw("c", "x", nw="w", norm='"weighted"', eps="eps", rope="t"),
+         "per-head k norms are applied on the way into the cache, before the rotation"),
+    Rule("unit-norm-into-cache-write", "fusion", _cw("c", "(RmsNormU x eps)", rope="t"),
+         _cw("c", "x", norm='"unit"', eps="eps", rope="t"), "Gemma's gainless v norm too"),
+    Rule("rope-q-into-cached-attention", "fusion", _attn("(Rope q p t)", "k", "v", pos="p"),
+         _attn("q", "k", "v", pos="p", rope="t"),
+         "over a cache only q is rotated on load (pos is set and no table yet: the keys were rotated when written)"),
+    Rule("q-norm-into-attention", "fusion", _attn("(RmsNorm q qw eps)", "k", "v", pos="p", rope="t"),
+         _attn("q", "k", "v", norms="1", qw="qw", eps="eps", pos="p", rope="t"),
+         "q's per-head norm on load when k's is not there to take (its keys come from a cache)"),
     # -- layout: horizontal fusion with a packed consumer
     Rule("gate-up-pack", "layout",
          (f"(= e (Glu act {_proj('x', '(Param kg s d)')} {_proj('x', '(Param ku s d)')}))",),
@@ -182,6 +206,37 @@ RULES: tuple[Rule, ...] = (
          (f"(let qk {_proj('x', '(Pack2 (Param kq sq d) (Param kk sk d))')})",
           f"(union e {_attn('qk', 'qk', 'qk', at='0 nq nq', norms='n', qw='qw', kw='kw', eps='ae', pos='p', rope='t')})"),
          "when v is k (Gemma's K=V layers), pack q and k only and read v from the k columns"),
+    # With a cache, k and v reach attention through their cache writes: the packed GEMM gets new writes
+    # that read k and v at their column offsets, and a new attention reads q from it (new classes, not
+    # unions, so that the extractor weighs the packed triple as one choice).
+    Rule("qkv-pack-cached", "layout",
+         (f"(= e {_attn('(Reshape lq rq)', 'kc', 'vc', norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})",
+          f"(= kc {_cw('ck', '(Reshape lk rk)', nw='kw', norm='km', eps='ke', rope='kt')})",
+          f"(= vc {_cw('cv', '(Reshape lv rv)', nw='vw', norm='vm', eps='ve', rope='vt')})",
+          f"(= lq {_proj('x', '(Param kq sq d)')})", f"(= lk {_proj('x', '(Param kk sk d)')})",
+          f"(= lv {_proj('x', '(Param kv sk d)')})", "(Last lq nq)", "(Last lk nk)"),
+         (f"(let qkv {_proj('x', '(Pack3 (Param kq sq d) (Param kk sk d) (Param kv sk d))')})",
+          f"(union e {_attn('qkv', _cw('ck', 'qkv', 'nq', 'kw', 'km', 'ke', 'kt'), _cw('cv', 'qkv', '(+ nq nk)', 'vw', 'vm', 've', 'vt'), norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})"),
+         "q, k and v read the same input: one GEMM over [q; k; v] rows; k and v go into their caches and "
+         "q into attention from column offsets of the packed rows (equal dtypes only)"),
+    Rule("qkv-pack-bias-cached", "layout",
+         (f"(= e {_attn('(Reshape lq rq)', 'kc', 'vc', norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})",
+          f"(= kc {_cw('ck', '(Reshape lk rk)', nw='kw', norm='km', eps='ke', rope='kt')})",
+          f"(= vc {_cw('cv', '(Reshape lv rv)', nw='vw', norm='vm', eps='ve', rope='vt')})",
+          f"(= lq {_proj('x', '(Param kq sq d)', '(Param bq bsq bd)')})",
+          f"(= lk {_proj('x', '(Param kk sk d)', '(Param bk bsk bd)')})",
+          f"(= lv {_proj('x', '(Param kv sk d)', '(Param bv bsk bd)')})", "(Last lq nq)", "(Last lk nk)"),
+         (f"(let qkv {_proj('x', '(Pack3 (Param kq sq d) (Param kk sk d) (Param kv sk d))', '(Pack3 (Param bq bsq bd) (Param bk bsk bd) (Param bv bsk bd))')})",
+          f"(union e {_attn('qkv', _cw('ck', 'qkv', 'nq', 'kw', 'km', 'ke', 'kt'), _cw('cv', 'qkv', '(+ nq nk)', 'vw', 'vm', 've', 'vt'), norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})"),
+         "the same with q/k/v biases (Qwen2), packed alike"),
+    Rule("qk-pack-shared-kv-cached", "layout",
+         (f"(= e {_attn('(Reshape lq rq)', 'kc', 'vc', norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})",
+          f"(= kc {_cw('ck', '(Reshape lk rk)', nw='kw', norm='km', eps='ke', rope='kt')})",
+          f"(= vc {_cw('cv', '(Reshape lk rk)', nw='vw', norm='vm', eps='ve', rope='vt')})",
+          f"(= lq {_proj('x', '(Param kq sq d)')})", f"(= lk {_proj('x', '(Param kk sk d)')})", "(Last lq nq)"),
+         (f"(let qk {_proj('x', '(Pack2 (Param kq sq d) (Param kk sk d))')})",
+          f"(union e {_attn('qk', _cw('ck', 'qk', 'nq', 'kw', 'km', 'ke', 'kt'), _cw('cv', 'qk', 'nq', 'vw', 'vm', 've', 'vt'), norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})"),
+         "when v is k (Gemma's K=V layers), pack q and k only; both caches are written from the k columns"),
 )
 
 SCHEDULE = "(run-schedule (saturate (seq " + " ".join(f"(saturate (run {r}))" for r in RULESETS) + ")))"
