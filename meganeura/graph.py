@@ -196,6 +196,20 @@ def _slice(ins, a):
     return x.shape[:axis] + (stop - start,) + x.shape[axis + 1:], x.dtype
 
 
+def _last_row(ins, a):
+    x = ins[0]
+    if not x.shape or x.shape[0] != S:
+        _fail(f"last_row takes the last of S rows, got {x.shape}")
+    return (1,) + x.shape[1:], x.dtype
+
+
+def _argmax(ins, a):
+    _float(ins[0], "argmax input")
+    if not ins[0].shape:
+        _fail("argmax wants at least one axis")
+    return ins[0].shape[:-1], "u32"
+
+
 def _linear(ins, a):
     x, w = ins[0], ins[1]
     _float(x, "linear input")
@@ -317,6 +331,7 @@ OPS: dict[str, OpDef] = {
     "rms_norm":   OpDef(_rms_norm, R.rms_norm, "rowreduce"),
     "softmax":    OpDef(_unary, R.softmax, "rowreduce"),
     "topk_route": OpDef(_topk_route, R.topk_route, "rowreduce"),
+    "argmax":     OpDef(_argmax, R.argmax, "rowreduce"),
     # attention
     "attention":  OpDef(_attention, R.attention, "attention"),
     # fused ops: only the optimizer makes these (meganeura/optimize/rules.py says when)
@@ -327,6 +342,7 @@ OPS: dict[str, OpDef] = {
     # views
     "reshape":    OpDef(_reshape, R.reshape, "view"),
     "slice":      OpDef(_slice, R.slice_, "copy"),
+    "last_row":   OpDef(_last_row, R.last_row, "copy"),
 }
 
 
@@ -472,6 +488,14 @@ class Graph:
 
     def slice(self, x: int, axis: int, start: int, stop: int) -> int:
         return self.add_node("slice", (x,), axis=axis, start=start, stop=stop)
+
+    def last_row(self, x: int) -> int:
+        """[S, ...] -> [1, ...]: the step's last token (all a generating model needs logits for)."""
+        return self.add_node("last_row", (x,))
+
+    def argmax(self, x: int) -> int:
+        """Index of the largest entry along the last axis (the first one on ties), as u32."""
+        return self.add_node("argmax", (x,))
 
     def topk_route(self, p: int, k: int, normalize: bool) -> int:
         """Dense [S, E] routing weights: the k largest of p per row (renormalised if asked), 0 elsewhere."""

@@ -16,7 +16,7 @@ NP_DTYPES = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
 class Program:
     """Runs `graph` on a backend. Weights are bound on first use of a checkpoint and kept."""
 
-    def __init__(self, graph: Graph, backend: str, optimize: bool = True):
+    def __init__(self, graph: Graph, backend: str, optimize: bool = True, keep: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         if not graph.outputs:
@@ -34,17 +34,19 @@ class Program:
         if optimize:
             from .optimize import DeviceCost, optimize as run_optimizer
             cost = DeviceCost.for_adapter(device.adapter_type) if device else DeviceCost()
-            self.optimized = run_optimizer(graph, cost)
+            self.optimized = run_optimizer(graph, cost, keep=keep)
             graph = self.optimized.graph
         self.graph = graph
         if device is not None:
             from .backend.runtime import WgpuRunner
             self._runner = WgpuRunner(graph, device)
 
-    def bind(self, weights):
-        """Check (and for a GPU, upload) the weights now rather than at the first run."""
+    def bind(self, weights, share: "Program | None" = None):
+        """Check (and for a GPU, upload) the weights now rather than at the first run. With `share`, a
+        program already bound to the same weights lends the device copies of the tensors both use."""
         if self._runner is not None:
-            self._runner.bind_weights(self._checked(weights))
+            lend = share._runner if share is not None and share._runner is not None else None
+            self._runner.bind_weights(self._checked(weights), lend)
         else:
             self.params(weights)
 
@@ -94,11 +96,13 @@ class Program:
             raise ValueError("no tokens to run")
         return fed, tokens or 1
 
-    def run(self, inputs: Mapping[str, object], weights) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, object], weights, outputs=None) -> dict[str, np.ndarray]:
+        """The graph's outputs by name (only those named in `outputs`, when given)."""
         fed, tokens = self.feed(inputs)
         if self._runner is not None:
-            return self._runner.run(fed, tokens, self._checked(weights))
-        return reference.run(self.graph, fed, self.params(weights), self.state)
+            return self._runner.run(fed, tokens, self._checked(weights), outputs)
+        out = reference.run(self.graph, fed, self.params(weights), self.state)
+        return out if outputs is None else {k: v for k, v in out.items() if k in outputs}
 
     def reset_state(self):
         """Zero the persistent tensors (KV caches): the next run starts a new sequence."""
@@ -108,8 +112,9 @@ class Program:
             arr[...] = 0
 
 
-def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True) -> Program:
+def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True, keep: bool = False) -> Program:
     """Prepare `graph` to run: backend="wgpu" on the GPU (lavapipe where there is none),
     backend="numpy" with the reference executor. optimize=True runs the e-graph optimizer first
-    (the same fused graph on both backends); the caller's graph is left as it was."""
-    return Program(graph, backend, optimize)
+    (the same fused graph on both backends); the caller's graph is left as it was. keep=True keeps the
+    e-graphs and egglog programs for `optimize.dump.dump(program.optimized, dir)`."""
+    return Program(graph, backend, optimize, keep)

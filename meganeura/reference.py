@@ -144,6 +144,14 @@ def slice_(x, *, axis, start, stop):
     return np.ascontiguousarray(x[tuple(idx)])
 
 
+def last_row(x):
+    return np.ascontiguousarray(x[-1:])
+
+
+def argmax(x):
+    return np.argmax(x, axis=-1).astype(np.uint32)
+
+
 def topk_route(p, *, k, normalize):
     """Keep each row's k largest entries (ties: lower expert index first), zero the rest."""
     idx = np.argsort(-p, axis=-1, kind="stable")[:, :k]

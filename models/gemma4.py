@@ -248,10 +248,11 @@ def small_test() -> Gemma4Config:
 
 # ---------------------------------------------------------------- the forward pass
 
-def build_graph(g: Graph, cfg: Gemma4Config, seq_len: int | None = None, cache: kv.KVCache | None = None) -> int:
+def build_graph(g: Graph, cfg: Gemma4Config, seq_len: int | None = None, cache: kv.KVCache | None = None,
+                last_only: bool = False) -> int:
     """The logits [S, vocab] of the tokens fed as "token_ids", the first at position "start_pos". With a
     `cache`, attention also sees what earlier steps wrote; a KV-sharing layer reads its producer's cache
-    and writes none."""
+    and writes none. `last_only` gives the logits [1, vocab] of the last token only."""
     hsz, n_layers, eps = cfg.hidden_size, cfg.num_hidden_layers, cfg.rms_norm_eps
     ple_dim = cfg.hidden_size_per_layer_input
 
@@ -326,7 +327,10 @@ def build_graph(g: Graph, cfg: Gemma4Config, seq_len: int | None = None, cache: 
             h = g.add(h, norm(y, p + "post_per_layer_input_norm.weight"))
         h = g.mul(h, w(p + "layer_scalar", 1))
 
-    h = norm(h, "norm.weight")
+    norm_w = w("norm.weight", hsz)
+    if last_only:
+        h = g.last_row(h)
+    h = g.rms_norm(h, norm_w, eps)
     lm_head = g.parameter("lm_head.weight", (cfg.vocab_size, hsz),
                           fallback="model.embed_tokens.weight" if cfg.tie_word_embeddings else None)
     logits = g.matmul(h, lm_head, transpose_b=True)

@@ -175,10 +175,11 @@ def decoder_layer(g: Graph, cfg, layer: int, h: int, pos: int, feed_forward=dens
 
 
 def build_graph(g: Graph, cfg: LlamaConfig, seq_len: int | None = None, feed_forward=dense_mlp,
-                cache: kv.KVCache | None = None) -> int:
+                cache: kv.KVCache | None = None, last_only: bool = False) -> int:
     """The logits [S, vocab] of one forward pass over the tokens fed as input "token_ids" starting at
     position "start_pos". The token count S is symbolic; `seq_len` is accepted for API symmetry.
-    With a `cache`, attention also sees the positions before start_pos that earlier steps wrote."""
+    With a `cache`, attention also sees the positions before start_pos that earlier steps wrote;
+    `last_only` gives the logits [1, vocab] of the last token only (what generation needs)."""
     v, hsz = cfg.vocab_size, cfg.hidden_size
     ids = g.input("token_ids", (S,), "u32")
     pos = g.input("start_pos", (), "i32", default=0)
@@ -186,7 +187,10 @@ def build_graph(g: Graph, cfg: LlamaConfig, seq_len: int | None = None, feed_for
     h = g.embedding(embed, ids)
     for layer in range(cfg.num_hidden_layers):
         h = decoder_layer(g, cfg, layer, h, pos, feed_forward, cache)
-    h = g.rms_norm(h, param(g, "model.norm.weight", hsz), cfg.rms_norm_eps)
+    norm_w = param(g, "model.norm.weight", hsz)
+    if last_only:
+        h = g.last_row(h)
+    h = g.rms_norm(h, norm_w, cfg.rms_norm_eps)
     lm_head = g.parameter("lm_head.weight", (v, hsz),
                           fallback="model.embed_tokens.weight" if cfg.tie_word_embeddings else None)
     return g.named("logits", g.matmul(h, lm_head, transpose_b=True))

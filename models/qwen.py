@@ -127,5 +127,5 @@ def feed_forward(g: Graph, cfg: QwenConfig, layer: int, x: int) -> int:
     return sparse_moe(g, cfg, layer, x) if cfg.is_sparse(layer) else llama.dense_mlp(g, cfg, layer, x)
 
 
-def build_graph(g: Graph, cfg: QwenConfig, seq_len: int | None = None, cache=None) -> int:
-    return llama.build_graph(g, cfg, seq_len, feed_forward=feed_forward, cache=cache)
+def build_graph(g: Graph, cfg: QwenConfig, seq_len: int | None = None, cache=None, last_only: bool = False) -> int:
+    return llama.build_graph(g, cfg, seq_len, feed_forward=feed_forward, cache=cache, last_only=last_only)

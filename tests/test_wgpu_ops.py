@@ -270,6 +270,68 @@ def test_fused_attention_longer_than_a_key_block():
     check(g, out, {**feed, "start_pos": 1000}, params, rtol=1e-4)
 
 
+@EXAMPLES
+@given(s=dims, n=st.integers(1, 300), lead=st.sampled_from([(), (2,)]))
+def test_last_row_and_argmax(s, n, lead):
+    g = mn.Graph()
+    x = g.input("x", (S,) + lead + (n,))
+    feed = {"x": np.round(rand(s, *lead, n) * 2)}          # rounded: ties, where the first index must win
+    check(g, g.last_row(x), feed)
+    g = mn.Graph()
+    out = g.argmax(g.input("x", (S,) + lead + (n,)))
+    g.set_outputs({"y": out})
+    TESTED.add("argmax")
+    gpu, ref = run_both(g, feed, {})
+    assert gpu["y"].dtype == np.uint32 and np.array_equal(gpu["y"], ref["y"])
+
+
+def cached_attention_graph(kv, group, d, slots, window, at, norm, rope, fused):
+    """q [S, nh, d]; k and v read at column `at` of one [S, pad | k | v] tensor into two caches of `slots`
+    slots (k normed and rotated on the way in when asked), then attention over the caches."""
+    nh = kv * group
+    g = mn.Graph()
+    pos = g.input("start_pos", (), "i32", default=0)
+    q = g.input("q", (S, nh, d))
+    x = g.input("x", (S, at + 2 * kv * d))
+    table = (tuple(np.abs(rand(d // 2, seed=7)).tolist()), 1.1) if rope else None
+    nw = g.parameter("kn", (d,)) if norm == "weighted" else None
+    kc = g.cache_write(g.state("k_cache", (slots, kv, d)), x, pos, at=at, norm=norm, norm_w=nw, eps=1e-6,
+                       rope=table)
+    vc = g.cache_write(g.state("v_cache", (slots, kv, d)), x, pos, at=at + kv * d)
+    if fused:
+        out = g.fused_attention(q, kc, vc, heads=nh, kv_heads=kv, head_dim=d, norms=0, pos=pos, rope=table,
+                                scale=d ** -0.5, window=window, cached=True)
+    else:
+        out = g.attention(q, kc, vc, scale=d ** -0.5, window=window, pos=pos)
+    g.set_outputs({"y": out})
+    return g
+
+
+@settings(max_examples=6, deadline=None)
+@given(kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), half=st.integers(1, 12),
+       window=st.one_of(st.none(), st.integers(1, 7)), at=st.integers(0, 3),
+       norm=st.sampled_from([None, "weighted", "unit"]), rope=st.booleans(), fused=st.booleans(),
+       chunks=st.lists(st.integers(1, 6), min_size=1, max_size=5), dtype=wdtypes)
+def test_cache_write_and_attention_over_a_cache(kv, group, half, window, at, norm, rope, fused, chunks, dtype):
+    """Steps of a few tokens through ring-buffer caches as small as the window allows, on both backends."""
+    d, chunk = 2 * half, max(chunks)
+    slots = sum(chunks) if window is None else window + chunk - 1
+    g = cached_attention_graph(kv, group, d, slots, window, at, norm, rope, fused)
+    TESTED.update(n.op for n in g.nodes)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.safetensors")
+        write_safetensors(path, {"kn": (1 + rand(d, seed=5) / 4, dtype)})
+        weights = mn.open_weights(path)
+        gpu, ref = mn.compile(g, backend="wgpu", optimize=False), mn.compile(g, backend="numpy", optimize=False)
+        pos = 0
+        for step, n in enumerate(chunks):
+            feed = {"q": rand(n, kv * group, d, seed=step), "x": rand(n, at + 2 * kv * d, seed=50 + step),
+                    "start_pos": pos}
+            want = ref.run(feed, weights)["y"]
+            np.testing.assert_allclose(gpu.run(feed, weights)["y"], want, rtol=1e-4, atol=1e-4)
+            pos += n
+
+
 def test_every_op_is_covered():
     """Runs last in this module: every op of the table has been compared on the GPU above."""
     computed = {name for name, op in OPS.items() if op.meaning is not None} - {"reshape"}

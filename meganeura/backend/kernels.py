@@ -167,8 +167,8 @@ def _kernel(ctx, label, template, bindings, grid, entry="main", prelude="", **su
     return Kernel(label, src, entry, bindings, grid)
 
 
-def _out(node_id) -> Binding:
-    return Binding("out", Ref("node", node_id), "f32", write=True)
+def _out(node_id, dtype: str = "f32") -> Binding:
+    return Binding("out", Ref("node", node_id), dtype, write=True)
 
 
 def _elementwise(ctx, label: str, node: Node, bindings: list[Binding], body: str, prelude: str = "") -> Kernel:
@@ -242,6 +242,12 @@ def _slice(ctx, node_id, node: Node) -> list[Kernel]:
         stride = f"({stride} * {dim(x.shape[k])})"
     body = "\n".join([_coords(node.shape), f"    out[i] = load_in_a({' + '.join(terms)});"])
     return [_elementwise(ctx, "slice", node, [ctx.value(node.inputs[0], "in_a"), _out(node_id)], body)]
+
+
+def _last_row(ctx, node_id, node: Node) -> list[Kernel]:
+    width = math.prod(node.shape[1:])
+    body = f"    out[i] = load_in_a((step.S - 1u) * {width}u + i);"
+    return [_elementwise(ctx, "last_row", node, [ctx.value(node.inputs[0], "in_a"), _out(node_id)], body)]
 
 
 def _rope(ctx, node_id, node: Node) -> list[Kernel]:
@@ -318,6 +324,21 @@ def _softmax(ctx, node_id, node: Node) -> list[Kernel]:
     rows, grid = _rows(node, n)
     return [_kernel(ctx, "softmax", "rowreduce", [ctx.value(node.inputs[0], "x"), _out(node_id)], grid,
                     rows=rows, width=n, body=body)]
+
+
+def _argmax(ctx, node_id, node: Node) -> list[Kernel]:
+    n = ctx.graph[node.inputs[0]].shape[-1]
+    # Each thread keeps its first maximum; of the threads holding the row's maximum the lowest index
+    # wins (indices are exact in f32 below 2^24), which is numpy's first-on-ties.
+    body = """    var best = -3.0e38;
+    var at = 0u;
+    for (var j = li; j < n; j = j + WG) { let v = load_x(base + j); if (v > best) { best = v; at = j; } }
+    let top = reduce_max(best, li);
+    let first = -reduce_max(-select(3.0e38, f32(at), best == top), li);
+    if (li == 0u) { out[row] = u32(first); }"""
+    rows = f"({numel(node.shape)})" if node.shape else "1u"
+    return [_kernel(ctx, "argmax", "rowreduce", [ctx.value(node.inputs[0], "x"), _out(node_id, "u32")],
+                    lambda s: grid_1d(numel_at(node.shape, s), 1), rows=rows, width=n, body=body)]
 
 
 def _topk_route(ctx, node_id, node: Node) -> list[Kernel]:
@@ -633,6 +654,7 @@ def _moe(ctx, node_id, node: Node) -> list[Kernel]:
 LOWERINGS = {
     "add": _pointwise, "mul": _pointwise, "scale": _pointwise, "silu": _pointwise, "gelu_tanh": _pointwise,
     "softcap": _pointwise, "sigmoid": _pointwise, "glu": _glu, "slice": _slice, "rope": _rope,
+    "last_row": _last_row, "argmax": _argmax,
     "rms_norm": _rms_norm, "softmax": _softmax, "topk_route": _topk_route, "add_norm": _add_norm,
     "matmul": _matmul, "linear": _linear, "embedding": _embedding, "moe": _moe,
     "attention": _attention, "fused_attention": _fused_attention, "cache_write": _cache_write,

@@ -92,15 +92,22 @@ class WgpuRunner:
             raise ValueError(f"the wgpu backend passes only 'start_pos' as a scalar input, got {scalars}")
 
     # -- weights
-    def bind_weights(self, weights):
+    def bind_weights(self, weights, lender: "WgpuRunner | None" = None):
+        """Upload the graph's weights; tensors `lender` (bound to the same weights) already holds are shared."""
         if self.weights is weights:               # holding it keeps its identity unique
             return
         if isinstance(weights, Checkpoint):
             bindings = plan_weights(self.graph, weights)
+            if lender is not None and lender.weights is weights and lender.dev is self.dev:
+                shared = {n: lender.params[n] for n in bindings if n in lender.params}
+                bindings = {n: b for n, b in bindings.items() if n not in shared}
+            else:
+                shared = {}
             total = sum(weights.tensors[n].end - weights.tensors[n].begin
                         for b in bindings.values() for g in b.parts for n in g)
             progress = _Progress(total, "uploading weights")
             self.params = {name: self._upload_checkpoint(weights, b, progress) for name, b in bindings.items()}
+            self.params.update(shared)
             progress.close()
         else:
             self.params = {name: self._upload_array(arr) for name, arr in from_dict(self.graph, weights).items()}
@@ -254,7 +261,8 @@ class WgpuRunner:
         return self.slots[self.arena.scratch_slot[node_id]]
 
     # -- a forward step
-    def run(self, fed: dict[str, np.ndarray], tokens: int, weights) -> dict[str, np.ndarray]:
+    def run(self, fed: dict[str, np.ndarray], tokens: int, weights, outputs=None) -> dict[str, np.ndarray]:
+        """One step; reads back the outputs named in `outputs` (all when None)."""
         self.bind_weights(weights)
         if self.arena is None or tokens > self.arena.capacity:
             self._prepare(max(tokens, 2 * self.arena.capacity if self.arena else 16))
@@ -277,15 +285,17 @@ class WgpuRunner:
             cp.set_bind_group(0, group)
             cp.dispatch_workgroups(*grid(tokens))
         cp.end()
-        sizes = {o: numel_at(self.graph[o].shape, tokens) * 4 for o in self.graph.outputs}
-        for o, staging in self.staging.items():
+        wanted = {o: st for o, st in self.staging.items() if outputs is None or self.graph.names[o] in outputs}
+        sizes = {o: numel_at(self.graph[o].shape, tokens) * 4 for o in wanted}
+        for o, staging in wanted.items():
             src = self.slots[self.arena.value_slot[base_of(self.graph, o)]]
             enc.copy_buffer_to_buffer(src, 0, staging, 0, padded(sizes[o]))
         q.submit([enc.finish()])
         out = {}
-        for o, staging in self.staging.items():
+        for o, staging in wanted.items():
             staging.map_sync(self.wgpu.MapMode.READ)
-            data = np.frombuffer(staging.read_mapped(0, padded(sizes[o])), np.float32)[:sizes[o] // 4]
+            kind = np.uint32 if self.graph[o].dtype == "u32" else np.float32
+            data = np.frombuffer(staging.read_mapped(0, padded(sizes[o])), kind)[:sizes[o] // 4]
             staging.unmap()
             shape = tuple(tokens if d == "S" else d for d in self.graph[o].shape)
             out[self.graph.names[o]] = data.reshape(shape).copy()

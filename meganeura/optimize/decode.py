@@ -117,6 +117,8 @@ LOWER: dict[str, Callable] = {
     "CWrite": _lower_cache_write,
     "Reshape": lambda a, t: Lowered("reshape", dict(shape=parse_shape(a[1])), [a[0]], False),
     "Slice": _k("slice", attrs=("axis", "start", "stop")),
+    "LastRow": _k("last_row"),
+    "Argmax": _k("argmax"),
     "Glu": lambda a, t: Lowered("glu", dict(act=a[0]), [a[1], a[2]], True),
     "Lin": _lower_lin,
     "Attn": _lower_attn,

@@ -130,6 +130,8 @@ def term(enc: Encoding, i: int) -> str:
         "reshape": lambda: f"(Reshape {v[0]} {q(shape_text(n.shape))})",
         "slice": lambda: f"(Slice {v[0]} {a['axis']} {a['start']} {a['stop']})",
         "glu": lambda: f"(Glu {q(a['act'])} {v[0]} {v[1]})",
+        "last_row": lambda: f"(LastRow {v[0]})",
+        "argmax": lambda: f"(Argmax {v[0]})",
     }
     if op not in simple:
         raise ValueError(f"the optimizer cannot encode op {op!r}")

@@ -51,6 +51,8 @@ DATATYPE = """\
   (CWrite T T T i64 T String f64 i64)
   (Reshape T String)
   (Slice T i64 i64 i64)
+  (LastRow T)
+  (Argmax T)
   (Glu String T T)
   (Lin T T T T T String String f64 f64)
   (Attn T T T i64 i64 i64 i64 T T f64 T i64 String)

@@ -1,0 +1,174 @@
+"""Generation: the KV cache gives the full forward's logits, greedy decoding equals transformers'
+generate for every family, and sampling is reproducible and stays inside top-k / top-p."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import meganeura as mn
+import oracle
+from meganeura import reference as R
+from meganeura.generate import Sampling, probabilities, sample
+from meganeura.graph import S
+
+
+# ---------------------------------------------------------------- the cache's meaning
+
+@settings(max_examples=40, deadline=None)
+@given(window=st.one_of(st.none(), st.integers(1, 6)), chunks=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+       group=st.sampled_from([1, 2]), extra_slots=st.integers(0, 3), softcap=st.sampled_from([None, 2.0]))
+def test_attention_over_a_ring_cache_equals_attention_over_the_whole_sequence(window, chunks, group, extra_slots,
+                                                                             softcap):
+    rng = np.random.default_rng(len(chunks))
+    total, chunk = sum(chunks), max(chunks)
+    slots = (total if window is None else window + chunk - 1) + extra_slots
+    q = rng.standard_normal((total, 2 * group, 4)).astype(np.float32)
+    k, v = (rng.standard_normal((total, 2, 4)).astype(np.float32) for _ in range(2))
+    want = R.attention(q, k, v, scale=0.5, window=window, softcap=softcap)
+    kc, vc = np.zeros((slots, 2, 4), np.float32), np.zeros((slots, 2, 4), np.float32)
+    pos = 0
+    for n in chunks:
+        rows = slice(pos, pos + n)
+        R.cache_write(kc, k[rows], pos, at=0, norm=None, eps=0.0, rope=None)
+        R.cache_write(vc, v[rows], pos, at=0, norm=None, eps=0.0, rope=None)
+        got = R.attention(q[rows], kc, vc, pos, scale=0.5, window=window, softcap=softcap)
+        np.testing.assert_allclose(got, want[rows], rtol=1e-5, atol=1e-6)
+        pos += n
+
+
+def test_a_cache_too_small_for_what_the_queries_see_is_an_error():
+    kc = np.zeros((3, 1, 2), np.float32)
+    R.cache_write(kc, np.ones((3, 1, 2), np.float32), 0, at=0, norm=None, eps=0.0, rope=None)
+    with pytest.raises(ValueError, match="cannot hold"):
+        R.attention(np.ones((1, 1, 2), np.float32), kc, kc, 3, scale=1.0, window=None, softcap=None)
+
+
+def test_cache_write_needs_a_state():
+    g = mn.Graph()
+    with pytest.raises(mn.ShapeError, match="writes into a state"):
+        g.cache_write(g.input("c", (4, 1, 2)), g.input("x", (S, 1, 2)), g.input("p", (), "i32"))
+
+
+# ---------------------------------------------------------------- sampling
+
+LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+
+
+def test_greedy_is_the_argmax():
+    assert sample(LOGITS, Sampling(), np.random.default_rng(0)) == 0
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, None), (None, 0.7), (4, 0.8), (None, None)])
+def test_sampling_draws_from_the_restricted_distribution(top_k, top_p):
+    s = Sampling(temperature=0.8, top_k=top_k, top_p=top_p, seed=0)
+    p = probabilities(LOGITS, s)
+    z = LOGITS.astype(np.float64) / 0.8
+    full = np.exp(z) / np.exp(z).sum()
+    support = np.argsort(-full)[:top_k or len(full)]
+    if top_p is not None:       # the smallest prefix of the (top-k renormalised) order reaching top_p
+        kept = full[support] / full[support].sum()
+        support = support[:int(np.searchsorted(np.cumsum(kept), top_p)) + 1]
+    assert set(np.flatnonzero(p)) == set(support.tolist())
+    np.testing.assert_allclose(p[support], full[support] / full[support].sum(), rtol=1e-9)
+    rng = np.random.default_rng(1)
+    draws = np.array([sample(LOGITS, s, rng) for _ in range(4000)])
+    assert set(draws.tolist()) <= set(support.tolist())
+    freq = np.bincount(draws, minlength=len(LOGITS)) / len(draws)
+    assert np.abs(freq - p).max() < 0.03            # ~4 standard errors at 4000 draws
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0)])
+def test_bad_sampling_settings_are_rejected(bad):
+    with pytest.raises(ValueError):
+        Sampling(**bad)
+
+
+# ---------------------------------------------------------------- every family against transformers
+
+def no_eos(case, hf_checkpoint):
+    """The oracle checkpoint re-saved without EOS ids, so both sides generate every token asked for."""
+    import tempfile
+    path, hf = hf_checkpoint(case)
+    key = ("no-eos", case)
+    if key not in _SAVED:
+        hf.generation_config.eos_token_id = None
+        hf.config.eos_token_id = None
+        if hasattr(hf.config, "text_config"):
+            hf.config.text_config.eos_token_id = None
+        d = tempfile.mkdtemp(prefix=f"{case}-no-eos-")
+        hf.save_pretrained(d)
+        _SAVED[key] = d
+    return _SAVED[key], hf
+
+
+_SAVED = {}
+
+
+def hf_greedy(hf, ids, n):
+    import torch
+    with torch.no_grad():
+        out = hf.generate(torch.as_tensor(np.asarray(ids, np.int64))[None], max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("case", list(oracle.CASES))
+def test_decode_with_cache_equals_full_forward_and_greedy_equals_transformers(case, hf_checkpoint):
+    """On the GPU path with the optimizer: a 9-token prompt prefilled in chunks of 4 (so sliding layers
+    wrap their ring buffers), 24 new tokens; every decoded step's logits against one full forward."""
+    path, hf = no_eos(case, hf_checkpoint)
+    model = mn.load_model(path, context=48, chunk=4)
+    prompt = np.random.default_rng(3).integers(0, 128, 9).tolist()
+    new = model.generate_ids(prompt, max_new_tokens=24)
+    assert new == hf_greedy(hf, prompt, 24), case
+
+    seq = prompt + new
+    full = model.logits(seq)
+    session = model.session()
+    session.reset()
+    steps = [session.feed(prompt, "logits")] + [session.feed([t], "logits") for t in new[:-1]]
+    want = full[len(prompt) - 1:-1]
+    err = np.abs(np.stack(steps) - want).max() / np.abs(want).max()
+    assert err <= 1e-3, f"{case}: decode vs full forward, relative error {err:.2e}"
+
+
+def test_generation_stops_after_an_eos_id(hf_checkpoint):
+    path, hf = no_eos("qwen3", hf_checkpoint)
+    prompt = [5, 17, 99, 3]
+    free = hf_greedy(hf, prompt, 12)
+    model = mn.load_model(path, context=32)
+    model.eos_ids = [free[5]]
+    got = model.generate_ids(prompt, max_new_tokens=12)
+    assert got == free[:free.index(free[5]) + 1]
+
+
+def test_generation_stops_at_the_end_of_the_context(hf_checkpoint):
+    path, _ = no_eos("llama_basic", hf_checkpoint)
+    model = mn.load_model(path, context=10, chunk=4)
+    assert len(model.generate_ids([1, 2, 3, 4, 5, 6], max_new_tokens=50)) == 5    # positions 6..9, then 10 is full
+    with pytest.raises(ValueError, match="context"):
+        model.generate_ids(list(range(11)), max_new_tokens=1)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(hf_checkpoint):
+    path, _ = no_eos("gemma4_text_all", hf_checkpoint)
+    model = mn.load_model(path, context=40)
+    kw = dict(max_new_tokens=16, temperature=1.5, top_p=0.95)
+    a = model.generate_ids([3, 1, 4, 1, 5], seed=7, **kw)
+    assert a == model.generate_ids([3, 1, 4, 1, 5], seed=7, **kw)
+    assert any(model.generate_ids([3, 1, 4, 1, 5], seed=s, **kw) != a for s in (8, 9, 10))
+
+
+def test_reference_backend_generates_the_same_ids(hf_checkpoint):
+    path, _ = no_eos("gemma4_e2b_like", hf_checkpoint)
+    prompt = [9, 8, 7, 6, 5, 4, 3]
+    gpu = mn.load_model(path, context=32, chunk=3).generate_ids(prompt, max_new_tokens=10)
+    ref = mn.load_model(path, backend="numpy", context=32, chunk=3).generate_ids(prompt, max_new_tokens=10)
+    assert gpu == ref
+
+
+def test_default_context_is_the_model_limit_capped_by_memory(hf_checkpoint):
+    path, _ = hf_checkpoint("llama32")           # max_position_embeddings 131072
+    model = mn.load_model(path)
+    assert model.cache.context == 131072          # 2 layers x 2 kv heads x 24 x 2 x 4 bytes = 768 B a position
+    big = mn.load_model(path, backend="numpy")
+    big.config.max_position_embeddings = 1 << 40
+    assert big._cache(None, None).context * 768 <= 4 << 30
