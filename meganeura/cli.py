@@ -1,4 +1,5 @@
-"""The `meganeura` command. Exit codes: 0 ok, 2 bad input (one line on stderr), 1 internal error."""
+"""The `meganeura` command. Exit codes: 0 ok, 2 bad input (one line on stderr), 1 internal error,
+130 interrupted (Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,72 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _progress(msg: str = "") -> None:
+    """A transient status line on stderr, shown only on a terminal ("" clears it)."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{msg}", end="", file=sys.stderr, flush=True)
+
+
+def _check_run_args(args) -> None:
+    if not args.chat and not args.prompt.strip():
+        raise ValueError("the prompt is empty (--prompt)")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.context is not None and args.context < 1:
+        raise ValueError(f"--context must be at least 1, got {args.context}")
+    if args.dump_egraph and args.no_optimize:
+        raise ValueError("--dump-egraph needs the optimizer; drop --no-optimize")
+
+
+def cmd_run(args) -> int:
+    _check_run_args(args)
+    from .hub import resolve
+    from .model import Model
+
+    if args.model is None:
+        from .default_model import PATH as model_name
+    else:
+        model_name = args.model
+    _progress(f"loading {model_name}")
+    model = Model(resolve(model_name), backend=args.backend, optimize=not args.no_optimize, context=args.context,
+                  keep_egraphs=args.dump_egraph is not None)
+    ids = model.encode_prompt(args.prompt, chat=args.chat)
+    if len(ids) > model.cache.context:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {model.cache.context}")
+    _progress("compiling")
+    decoder = model.decoder
+    _progress()
+    if args.dump_egraph:
+        from .optimize.dump import dump
+
+        dump(decoder.optimized, args.dump_egraph)
+        print(f"e-graph, programs, graphs and report written to {args.dump_egraph}", file=sys.stderr)
+    pieces = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat)
+    try:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        print(flush=True)
+        return 130
+    print(flush=True)
+    if args.stats:
+        r = model.stats.rates()
+        print(f"load: {model.times['load_s']:.3f} s\n"
+              f"compile: {model.times['compile_s']:.3f} s\n"
+              f"time to first token: {r['ttft_s']:.3f} s\n"
+              f"prefill: {r['prefill_tokens_per_s']:.1f} tokens/s\n"
+              f"decode: {r['decode_tokens_per_s']:.1f} tokens/s\n"
+              f"tokens: {r['prompt_tokens']} prompt, {r['new_tokens']} new", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="meganeura", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,10 +140,28 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("run", help="generate text from a prompt, streamed to stdout")
+    p.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face repo id (default: the small "
+                   "built-in model)")
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--context", type=int, default=None, help="positions the KV cache holds (default: the "
+                   "model's limit, capped to fit the device)")
+    p.add_argument("--dump-egraph", metavar="DIR", help="write the generating program's e-graphs and report")
+    p.add_argument("--no-optimize", action="store_true", help="run the graph as built, without the optimizer")
+    p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
+    p.add_argument("--stats", action="store_true", help="print load/compile times and token rates to stderr")
+    p.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:   # bad input: config, checkpoint, shapes; no device
+        _progress()
         print(f"meganeura: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
