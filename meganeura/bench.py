@@ -92,54 +92,47 @@ def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = 
         _random_checkpoint(model, tmp.name)
         model = tmp.name
     rng = np.random.default_rng(0)
-    t = time.perf_counter()
-    m = load_model(model, backend=backend)
-    load_s = time.perf_counter() - t
-    vocab = m.config.vocab_size
-    prompt = rng.integers(0, vocab, prompt_len)
+    context = prompt_len + new_tokens + 1
+    m = load_model(model, backend=backend, context=context, chunk=prompt_len)
+    prompt = rng.integers(0, m.config.vocab_size, prompt_len)
 
-    t = time.perf_counter()
-    m.logits(prompt)                                  # first step: pipelines, bind groups, arena
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        m.logits(prompt)
-        times.append(time.perf_counter() - t)
-    prefill_s = min(times)
+    def steps(mm, n_new: int) -> tuple[float, float, float]:
+        """(first prefill, best prefill, mean decode step) seconds: prompt into a fresh cache, then greedy."""
+        session = mm.session()
+        prefill = []
+        for _ in range(3):
+            session.reset()
+            t0 = time.perf_counter()
+            token = session.feed(prompt)
+            prefill.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(n_new):
+            token = session.feed([int(token)])
+        return prefill[0], min(prefill[1:]), (time.perf_counter() - t0) / max(1, n_new)
 
-    # Decode without a KV cache: each new token re-runs the forward over the whole sequence.
-    seq = list(prompt)
-    t = time.perf_counter()
-    for _ in range(new_tokens):
-        seq.append(int(np.argmax(m.logits(seq)[-1])))
-    decode_s = (time.perf_counter() - t) / new_tokens
-
-    runner = getattr(m.program, "_runner", None)
+    decoder = m.decoder                               # optimize, compile, upload (timed in m.times)
+    first, prefill_s, decode_s = steps(m, new_tokens)
+    runner = getattr(decoder, "_runner", None)
     weight_bytes = sum(m.weights.tensors[n].end - m.weights.tensors[n].begin
                        for n in set(m.weights.tensors)) if runner else 0
     read = stream_read_gbps() if backend == "wgpu" else float("nan")
 
     # The optimizer's worth: the same steps on the unoptimized graph, timed in this run.
-    plain = load_model(model, backend=backend, optimize=False)
-    one = prompt[:1]
-    step_time = {}
-    for name, mm in (("plain", plain), ("optimized", m)):
-        mm.logits(one)
-        step_time[name] = min(_timed(lambda: mm.logits(one)) for _ in range(5))
-        step_time[name + "_prefill"] = min(_timed(lambda: mm.logits(prompt)) for _ in range(3))
-    plain_runner = getattr(plain.program, "_runner", None)
+    plain = load_model(model, backend=backend, optimize=False, context=context, chunk=prompt_len)
+    _, plain_prefill_s, plain_decode_s = steps(plain, new_tokens)
+    plain_runner = getattr(plain.decoder, "_runner", None)
     result = {
         "model": m.config.model_type, "layers": m.config.num_hidden_layers, "hidden": m.config.hidden_size,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "backend": backend,
         "device": runner.dev.name if runner else "numpy",
-        "load_s": round(load_s, 3), "compile_s": round(max(0.0, first - prefill_s), 3),
+        "load_s": round(m.times["load_s"], 3), "compile_s": round(m.times["compile_s"], 3),
+        "ttft_s": round(first, 4),
         "prefill_tokens_per_s": round(prompt_len / prefill_s, 2),
-        "decode_tokens_per_s": round(1 / decode_s, 2), "decode_mode": "full-recompute",
+        "decode_tokens_per_s": round(1 / decode_s, 2), "decode_mode": "kv-cache",
         "dispatches_per_step": len(runner.dispatches) if runner else None,
         "dispatches_per_step_unoptimized": len(plain_runner.dispatches) if plain_runner else None,
-        "opt_speedup": round(step_time["plain"] / step_time["optimized"], 3),
-        "opt_speedup_prefill": round(step_time["plain_prefill"] / step_time["optimized_prefill"], 3),
+        "opt_speedup": round(plain_decode_s / decode_s, 3),
+        "opt_speedup_prefill": round(plain_prefill_s / prefill_s, 3),
         "bytes_per_decode_step": weight_bytes,
         "device_read_gbps": round(read, 2),
         "decode_efficiency": round(weight_bytes / decode_s / (read * 1e9), 4) if runner else None,

@@ -105,7 +105,8 @@ def test_no_weights_and_no_directory(ckpt, tmp_path):
     os.remove(ckpt / "model.safetensors")
     with pytest.raises(mn.CheckpointError, match="no .safetensors weights"):
         mn.load_model(ckpt, backend="numpy")
-    with pytest.raises(mn.CheckpointError, match="no such model directory"):
+    from meganeura.hub import HubError
+    with pytest.raises(HubError, match="no such model directory"):
         mn.load_model(tmp_path / "nowhere", backend="numpy")
 
 

@@ -136,6 +136,39 @@ def _attention(rope_k=INV, k_eps=1e-6, v_eps=1e-6, qk_norm=False, v_norm=False, 
     return build
 
 
+def _cached(qk_norm=False, v_norm=False, k_is_v=False, bias=False, bias_dtype="f32", v_dtype="f32", apart=None,
+            k_rope_pos="same", q_rope_pos="same", between=None):
+    """The same attention writing k and v into caches (12 slots) and attending over them.
+    apart: the projection that reads another input (not packable); between: where a scale sits between
+    a norm and what would absorb it ("k", "v" or "q"); *_rope_pos "other": rotated at another position."""
+    def build(g):
+        x = g.input("x", (S, 16))
+        pos = g.input("start_pos", (), "i32", default=0)
+        other = g.input("other_pos", (), "i32", default=1)
+
+        def proj(name, heads, dtype="f32"):
+            b = g.parameter(name + ".b", (heads * 8,), dtype=bias_dtype if name == "v" else "f32") if bias else None
+            src = g.scale(x, 1.0 + 1e-3) if name == apart else x
+            return g.reshape(g.linear(src, g.parameter(name, (heads * 8, 16), dtype=dtype), b), (S, heads, 8))
+
+        def maybe_scale(t, who):
+            return g.scale(t, 1.5) if between == who else t
+
+        q, k = proj("q", 4), proj("k", 2)
+        v = k if k_is_v else proj("v", 2, v_dtype)
+        if qk_norm:
+            q = maybe_scale(g.rms_norm(q, g.parameter("qn", (8,)), 1e-6), "q")
+            k = maybe_scale(g.rms_norm(k, g.parameter("kn", (8,)), 1e-6), "k")
+        if v_norm:
+            v = maybe_scale(g.rms_norm(v, None, 1e-6), "v")
+        q = g.rope(q, pos if q_rope_pos == "same" else other, INV)
+        k = g.rope(k, pos if k_rope_pos == "same" else other, INV)
+        kc = g.cache_write(g.state("kc", (12, 2, 8)), k, pos)
+        vc = g.cache_write(g.state("vc", (12, 2, 8)), v, pos)
+        return g.reshape(g.attention(q, kc, vc, scale=0.35, pos=pos), (S, 32))
+    return build
+
+
 CASES = {
     # rule: (a graph where it fires, a graph where a mismatch stops it)
     "reshape-reshape": (lambda g: g.reshape(g.reshape(g.input("x", (S, 8)), (S, 2, 4)), (S, 4, 2)),
@@ -169,6 +202,16 @@ CASES = {
     "qkv-pack-bias": (_attention(bias=True), _attention(bias=True, bias_dtype="bf16")),
     "qk-pack-shared-kv": (_attention(k_is_v=True, qk_norm=True), _attention(k_is_v=True, qk_norm=True,
                                                                             rope_k=INV2)),
+    "cached-attention": (_cached(), None),
+    "rope-into-cache-write": (_cached(), _cached(k_rope_pos="other")),
+    "norm-into-cache-write": (_cached(qk_norm=True), _cached(qk_norm=True, between="k")),
+    "unit-norm-into-cache-write": (_cached(v_norm=True), _cached(v_norm=True, between="v")),
+    "rope-q-into-cached-attention": (_cached(), _cached(q_rope_pos="other")),
+    "q-norm-into-attention": (_cached(qk_norm=True), _cached(qk_norm=True, between="q")),
+    "qkv-pack-cached": (_cached(), _cached(v_dtype="bf16")),
+    "qkv-pack-bias-cached": (_cached(bias=True), _cached(bias=True, bias_dtype="bf16")),
+    "qk-pack-shared-kv-cached": (_cached(k_is_v=True, qk_norm=True, v_norm=True),
+                                 _cached(k_is_v=True, qk_norm=True, v_norm=True, apart="q")),
 }
 
 
@@ -200,6 +243,17 @@ def test_packed_weights_are_chosen_and_named():
     assert [n.attrs["name"] for n in packed] == ["q|k|v"] and packed[0].shape == (64, 16)
     ops = [n.op for n in opt.nodes if n.op not in ("input", "parameter", "reshape")]
     assert ops == ["linear", "fused_attention"]
+
+
+@pytest.mark.parametrize("build", [_cached(qk_norm=True), _cached(bias=True),
+                                   _cached(k_is_v=True, qk_norm=True, v_norm=True)])
+def test_cached_attention_becomes_one_gemm_two_cache_writes_and_attention(build):
+    g = mn.Graph()
+    g.set_outputs({"y": build(g)})
+    opt = optimize(g).graph
+    ops = [n.op for n in opt.nodes if n.op not in ("input", "parameter", "state", "reshape")]
+    assert ops == ["linear", "cache_write", "cache_write", "fused_attention"]
+    same_outputs(g)
 
 
 # ---------------------------------------------------------------- random graphs
