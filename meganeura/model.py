@@ -129,6 +129,8 @@ class Model:
 
     def stream_ids(self, ids, max_new_tokens: int, sampling: gen.Sampling):
         ids = np.asarray(ids)
+        if ids.ndim == 2 and ids.shape[0] == 1:          # a batch of one, as transformers' input_ids
+            ids = ids[0]
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"ids must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
