@@ -122,6 +122,8 @@ def test_decode_with_cache_equals_full_forward_and_greedy_equals_transformers(ca
 
     seq = prompt + new
     full = model.logits(seq)
+    dec, fwd = model.decoder._runner.params, model.program._runner.params
+    assert dec.keys() & fwd.keys() and all(dec[n] is fwd[n] for n in dec.keys() & fwd.keys()), "uploaded twice"
     session = model.session()
     session.reset()
     steps = [session.feed(prompt, "logits")] + [session.feed([t], "logits") for t in new[:-1]]
