@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -94,11 +94,6 @@ class Stats:
     new_tokens: int = 0
     prefill_s: float = 0.0               # the whole prompt, to the first token's logits
     decode_s: float = 0.0                # every later step
-    marks: list = field(default_factory=list)
-
-    @property
-    def ttft_s(self) -> float:
-        return self.prefill_s
 
     def rates(self) -> dict:
         return dict(prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens, ttft_s=self.prefill_s,

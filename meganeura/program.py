@@ -104,13 +104,6 @@ class Program:
         out = reference.run(self.graph, fed, self.params(weights), self.state)
         return out if outputs is None else {k: v for k, v in out.items() if k in outputs}
 
-    def reset_state(self):
-        """Zero the persistent tensors (KV caches): the next run starts a new sequence."""
-        if self._runner is not None:
-            self._runner.reset_states()
-        for arr in self.state.values():
-            arr[...] = 0
-
 
 def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True, keep: bool = False) -> Program:
     """Prepare `graph` to run: backend="wgpu" on the GPU (lavapipe where there is none),

@@ -241,13 +241,6 @@ class WgpuRunner:
             self.states[name] = self._new_buffer(numel_at(node.shape, 0) * 4)      # zeroed by wgpu
         return self.states[name]
 
-    def reset_states(self):
-        """Zero every persistent tensor (a fresh KV cache)."""
-        enc = self.gpu.create_command_encoder()
-        for buf in self.states.values():
-            enc.clear_buffer(buf)
-        self.gpu.queue.submit([enc.finish()])
-
     def _buffer(self, ref: Ref, node_id: int):
         if ref.kind == "node":
             base = self.graph[base_of(self.graph, ref.key)]
