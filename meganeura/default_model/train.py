@@ -32,7 +32,8 @@ front of every encoding by a TemplateProcessing post-processor, `<|end_of_text|>
 between novels), then a `transformers.LlamaForCausalLM` (hidden 256, 4 layers, 8 query
 / 4 key-value heads of 32, MLP 688, context 512, RoPE theta 10000, tied embeddings,
 about 3.95M parameters) trained from seed 0 with AdamW and a cosine schedule for a
-fixed wall-clock budget (default 20 minutes on 2 CPU threads). Each training row is
+fixed wall-clock budget (default 20 minutes on 2 CPU threads; the shipped
+checkpoint had `--minutes 45`, see SOURCE.md). Each training row is
 BOS followed by text starting at a paragraph start, the same shape as a prompt.
 Weights are saved with `save_pretrained` in bfloat16 safetensors, with config.json,
 generation_config.json, tokenizer.json, tokenizer_config.json, words.json (the
