@@ -42,6 +42,7 @@ class Kernel:
     entry: str
     bindings: list[Binding]
     grid: Callable[[int], tuple[int, int, int]]      # token count -> workgroups
+    tokens: tuple[int, float] = (1, math.inf)        # the step sizes this variant runs for (inclusive)
 
 
 class LoweringError(ValueError):

@@ -230,7 +230,8 @@ class WgpuRunner:
                     buf = self._buffer(b.ref, i)
                     entries.append({"binding": slot, "resource": {"buffer": buf, "offset": 0, "size": buf.size}})
                 group = self.gpu.create_bind_group(layout=layout, entries=entries)
-                self.dispatches.append((pipe, group, k.grid))
+                self.dispatches.append((pipe, group, k))
+        self._encodings: dict[int, list] = {}
         self.staging = {o: self.gpu.create_buffer(size=self.slots[self.arena.value_slot[base_of(self.graph, o)]].size,
                                                   usage=u.MAP_READ | u.COPY_DST)
                         for o in self.graph.outputs}
@@ -254,6 +255,14 @@ class WgpuRunner:
         return self.slots[self.arena.scratch_slot[node_id]]
 
     # -- a forward step
+    def encoding(self, tokens: int) -> list[tuple]:
+        """(pipeline, bind group, workgroups) of each dispatch a step of `tokens` tokens runs: a node may
+        have variants for different step sizes (a GEMV for one token, a GEMM for many). Built once per size."""
+        if tokens not in self._encodings:
+            self._encodings[tokens] = [(pipe, group, k.grid(tokens)) for pipe, group, k in self.dispatches
+                                       if k.tokens[0] <= tokens <= k.tokens[1]]
+        return self._encodings[tokens]
+
     def run(self, fed: dict[str, np.ndarray], tokens: int, weights, outputs=None) -> dict[str, np.ndarray]:
         """One step; reads back the outputs named in `outputs` (all when None)."""
         self.bind_weights(weights)
@@ -273,10 +282,10 @@ class WgpuRunner:
             self._write(self.rope_buffers[key], 0, table.astype(np.float32))
         enc = self.gpu.create_command_encoder()
         cp = enc.begin_compute_pass()
-        for pipe, group, grid in self.dispatches:
+        for pipe, group, grid in self.encoding(tokens):
             cp.set_pipeline(pipe)
             cp.set_bind_group(0, group)
-            cp.dispatch_workgroups(*grid(tokens))
+            cp.dispatch_workgroups(*grid)
         cp.end()
         wanted = {o: st for o, st in self.staging.items() if outputs is None or self.graph.names[o] in outputs}
         sizes = {o: numel_at(self.graph[o].shape, tokens) * 4 for o in wanted}
