@@ -28,11 +28,16 @@ class Device:
     features: frozenset
     limits: dict
     max_binding: int                    # bytes one storage binding may cover (may be forced lower)
+    layout: str = "gpu"                 # "cpu": lanes are SIMD lanes of a CPU core (lavapipe), see kernels
     pipelines: dict = field(default_factory=dict)
 
     @property
     def has_f16(self) -> bool:
         return "shader-f16" in self.features
+
+    @property
+    def has_subgroups(self) -> bool:
+        return "subgroup" in self.features
 
 
 def _adapters():
@@ -65,16 +70,20 @@ _OPEN: dict = {}
 
 
 def open_device(choice: str | None = None, max_binding: int | None = None,
-                disable: tuple[str, ...] | None = None) -> Device:
+                disable: tuple[str, ...] | None = None, layout: str | None = None) -> Device:
     """The chosen adapter's device (opened once per process and choice). `max_binding` lowers the
-    storage-binding limit and `disable` withholds optional features: both exercise fallback paths
-    (also set by MEGANEURA_MAX_BINDING and MEGANEURA_DISABLE=shader-f16,subgroup)."""
+    storage-binding limit, `disable` withholds optional features and `layout` ("cpu" or "gpu") overrides
+    the kernel layout the adapter type implies: all exercise other paths on one device
+    (also set by MEGANEURA_MAX_BINDING, MEGANEURA_DISABLE=shader-f16,subgroup and MEGANEURA_LAYOUT)."""
     choice = choice if choice is not None else os.environ.get("MEGANEURA_DEVICE")
     if max_binding is None and os.environ.get("MEGANEURA_MAX_BINDING"):
         max_binding = int(os.environ["MEGANEURA_MAX_BINDING"])
     if disable is None:
         disable = tuple(f for f in os.environ.get("MEGANEURA_DISABLE", "").split(",") if f)
-    key = (choice, max_binding, tuple(sorted(disable)))
+    layout = layout or os.environ.get("MEGANEURA_LAYOUT") or None
+    if layout not in (None, "cpu", "gpu"):
+        raise DeviceError(f"layout must be 'cpu' or 'gpu', got {layout!r}")
+    key = (choice, max_binding, tuple(sorted(disable)), layout)
     if key in _OPEN:
         return _OPEN[key]
     adapters = _adapters()
@@ -97,6 +106,7 @@ def open_device(choice: str | None = None, max_binding: int | None = None,
     binding = min(limits["max-storage-buffer-binding-size"], limits["max-buffer-size"])
     device = Device(dev, adapter.info.get("device", "?"), adapter.info.get("backend_type", "?"),
                     adapter.info.get("adapter_type", "?"), frozenset(features), dict(adapter.limits),
-                    min(binding, max_binding) if max_binding else binding)
+                    min(binding, max_binding) if max_binding else binding,
+                    layout or ("cpu" if adapter.info.get("adapter_type") == "CPU" else "gpu"))
     _OPEN[key] = device
     return device

@@ -136,6 +136,8 @@ def helpers(*parts: str) -> str:
 class Context:
     graph: Graph
     has_f16: bool
+    has_subgroups: bool
+    layout: str                                          # "cpu" or "gpu" (Device.layout)
     param_dtype: Callable[[str], str]                    # parameter name -> f32 / bf16 / f16
     param_windows: Callable[[str], list[tuple[int, int]]]  # parameter name -> row windows
     rope_key: Callable[[Node], int]

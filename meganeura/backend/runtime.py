@@ -189,8 +189,8 @@ class WgpuRunner:
         return self.rope_tables.setdefault(key, len(self.rope_tables))
 
     def _lower(self):
-        ctx = Context(self.graph, self.dev.has_f16, lambda n: self.params[n].dtype,
-                      lambda n: self.params[n].windows, self._rope_key)
+        ctx = Context(self.graph, self.dev.has_f16, self.dev.has_subgroups, self.dev.layout,
+                      lambda n: self.params[n].dtype, lambda n: self.params[n].windows, self._rope_key)
         self.kernels = {i: lower(ctx, i) for i in range(len(self.graph))}
         self.arena = None
 
