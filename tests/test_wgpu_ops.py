@@ -202,6 +202,21 @@ def test_linear(norm, act, s, k, n, lead, bias, softcap, residual, dtype):
     check(g, out, feed, params, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+@settings(max_examples=12, deadline=None)
+@given(s=st.sampled_from([1, 2, 3, 5, 8, 9, 13]), k=st.integers(1, 6).map(lambda p: 8 * p), n=dims,
+       lead=st.sampled_from([(), (2,)]), norm=st.sampled_from([None, "weighted", "unit"]),
+       act=st.sampled_from([None, "silu"]), bias=st.booleans(), softcap=st.sampled_from([None, 1.5]),
+       residual=st.booleans(), dtype=wdtypes)
+def test_linear_streamed(layout, s, k, n, lead, norm, act, bias, softcap, residual, dtype):
+    """K a multiple of 8: the streamed kernels (both layouts, every step-size variant) with every epilogue."""
+    g = mn.Graph()
+    out, feed, params = linear_case(g, s, k, n, lead, norm, bias, act, softcap, residual, dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", layout)
+        check(g, out, feed, params, rtol=1e-4)
+
+
 BINDING = 128      # bytes: every weight row and vector below fits, every weight matrix needs windows
 
 

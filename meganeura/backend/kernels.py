@@ -7,7 +7,7 @@ f32 as is) and, for weights larger than one storage binding, the row window a di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 from typing import Callable
@@ -33,6 +33,7 @@ class Binding:
     ref: Ref
     dtype: str            # f32, u32, i32, bf16, f16
     write: bool = False
+    packs: bool = False   # read as packs of 8 elements (`pack_<name>(i)`: elements 8i..8i+7), see stream.wgsl
 
 
 @dataclass
@@ -98,6 +99,9 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
         out.insert(0, "enable f16;")
     for slot, b in enumerate(bindings, start=1):
         access = "read_write" if b.write else "read"
+        if b.packs:
+            out += _declare_packs(slot, b)
+            continue
         elem = {"f32": "f32", "u32": "u32", "i32": "i32", "bf16": "u32",
                 "f16": "f16" if has_f16 else "u32"}[b.dtype]
         out.append(f"@group(0) @binding({slot}) var<storage, {access}> {b.name}: array<{elem}>;")
@@ -114,6 +118,24 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
         }[b.dtype]
         out.append(f"fn load_{b.name}(i: u32) -> f32 {{ {body} }}")
     return "\n".join(out)
+
+
+def _declare_packs(slot: int, b: Binding) -> list[str]:
+    """A read binding of 16-byte words and `pack_<name>(i) -> Pack`, its elements 8i..8i+7 as f32."""
+    name = b.name
+    if b.dtype == "f32":
+        return [f"@group(0) @binding({slot}) var<storage, read> {name}: array<vec4<f32>>;",
+                f"fn pack_{name}(i: u32) -> Pack {{ return Pack({name}[2u * i], {name}[2u * i + 1u]); }}"]
+    if b.dtype == "bf16":       # the low half of each word is the even element
+        unpack = ("Pack(bitcast<vec4<f32>>(vec4<u32>(q.x << 16u, q.x & 0xffff0000u, q.y << 16u, q.y & 0xffff0000u)), "
+                  "bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u)))")
+    elif b.dtype == "f16":
+        unpack = ("Pack(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), "
+                  "vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)))")
+    else:
+        raise ValueError(f"no packed loads for {b.dtype}")
+    return [f"@group(0) @binding({slot}) var<storage, read> {name}: array<vec4<u32>>;",
+            f"fn pack_{name}(i: u32) -> Pack {{ let q = {name}[i]; return {unpack}; }}"]
 
 
 TANH = "fn tanh_(x: f32) -> f32 { let e = exp(-2.0 * abs(x)); return sign(x) * (1.0 - e) / (1.0 + e); }"
@@ -461,7 +483,109 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
             load_b="load_w(nb * K + kb)" if transpose else "load_w(kb * N + nb)", stage_up=stage_up,
             accumulate_up=accumulate_up, col0=r0, out_stride=out_stride,
             epilogue="\n".join("        " + line for line in epilogue)))
+    if transpose and k % 8 == 0 and shared[0].dtype == "f32":
+        kernels = _with_streamed(ctx, kernels, node_id, label, x, windows, w_binding, shared, out or _out(node_id),
+                                 epilogue, out_stride, act=act, norm=norm, norm_w=norm_w, eps=eps, softcap=softcap)
     return kernels
+
+
+# Streamed variants (stream.wgsl), by layout: (step sizes, weight rows per block, token rows per block).
+# On a CPU every step streams (its tiled GEMM's barriers are emulated in software); 8x4 blocks keep the
+# accumulators in vector registers. On a GPU steps of a few tokens stream and larger ones use the tiled GEMM.
+STREAMED = {"cpu": [((1, 1), 4, 1), ((2, math.inf), 8, 4)],
+            "gpu": [((1, 1), 2, 1), ((2, 8), 2, 4)]}
+STREAM_WG = 64
+
+
+def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w_binding, shared: list[Binding],
+                   out: Binding, epilogue: list[str], out_stride: int, *, act, norm, norm_w, eps, softcap
+                   ) -> list[Kernel]:
+    """The tiled kernels restricted to the step sizes no streamed variant covers, plus the streamed ones."""
+    variants = STREAMED[ctx.layout]
+    if any(w_binding(i).dtype not in ("f32", "bf16", "f16") for i in range(len(windows))):
+        return tiled
+    k = x.shape[-1]
+    largest = max(hi for (_, hi), _, _ in variants)
+    kernels = [replace(t, tokens=(largest + 1, math.inf)) for t in tiled] if largest < math.inf else []
+    parts = [*(act_fn(act) if act else ()), TANH if softcap is not None else ""]
+    if norm_w is not None:
+        parts.append("fn norm_pack(p: u32) -> Pack { let b = p * 8u; return Pack("
+                     "vec4<f32>(load_nw(b), load_nw(b + 1u), load_nw(b + 2u), load_nw(b + 3u)), "
+                     "vec4<f32>(load_nw(b + 4u), load_nw(b + 5u), load_nw(b + 6u), load_nw(b + 7u))); }")
+    for i, (r0, r1) in enumerate(windows):
+        n = (r1 - r0) // 2 if act else r1 - r0
+        bindings = [replace(shared[0], packs=True), replace(w_binding(i), packs=True), *shared[1:], out]
+        for tokens, rows, token_block in variants:
+            kernels.append(_stream_kernel(ctx, label, bindings, parts, x, k, n, r0, tokens, rows, token_block,
+                                          epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
+                                          weighted=norm_w is not None))
+    return kernels
+
+
+def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int, tokens, rows: int,
+                   token_block: int, epilogue: list[str], out_stride: int, *, gated: bool, norm, eps: float,
+                   weighted: bool) -> Kernel:
+    lanes = 1 if ctx.layout == "cpu" else STREAM_WG
+    rows = min(rows, n)
+    blocks = -(-n // rows)
+    R, T = range(rows), range(token_block)
+    sums = [f"acc{r}_{t}" for r in R for t in T] + [f"up{r}_{t}" for r in R for t in T] * gated
+    sums += [f"ss{t}" for t in T] * (norm is not None)
+    body = [f"            let w{r} = pack_w(min(n0 + {r}u, N - 1u) * PACKS + p);" for r in R]
+    body += [f"            let u{r} = pack_w((min(n0 + {r}u, N - 1u) + N) * PACKS + p);" for r in R] * gated
+    if weighted:
+        body.append("            let nw = norm_pack(p);")
+    for t in T:
+        body.append(f"            let raw{t} = pack_a(min(m0 + {t}u, M - 1u) * PACKS + p);")
+        if norm is not None:
+            body.append(f"            ss{t} = ss{t} + dot(raw{t}.lo, raw{t}.lo) + dot(raw{t}.hi, raw{t}.hi);")
+        scaled = f"Pack(raw{t}.lo * nw.lo, raw{t}.hi * nw.hi)" if weighted else f"raw{t}"
+        body.append(f"            let x{t} = {scaled};")
+        body += [f"            acc{r}_{t} = acc{r}_{t} + dot(w{r}.lo, x{t}.lo) + dot(w{r}.hi, x{t}.hi);" for r in R]
+        body += [f"            up{r}_{t} = up{r}_{t} + dot(u{r}.lo, x{t}.lo) + dot(u{r}.hi, x{t}.hi);" for r in R] * gated
+    store = []
+    for t in T:
+        scale = f"1.0 / sqrt(ss{t} / f32(K) + {lit(eps)})" if norm is not None else "1.0"
+        store.append(f"            let r{t} = {scale};")
+        for r in R:
+            lines = [f"let m = m0 + {t}u;", f"let col = {col0}u + n0 + {r}u;",
+                     f"var y = acc{r}_{t} * r{t};", f"let acc_up = {f'up{r}_{t} * r{t}' if gated else '0.0'};",
+                     *epilogue, f"out[m * {out_stride}u + col] = y;"]
+            store.append(f"            if (m0 + {t}u < M && n0 + {r}u < N) {{ " + " ".join(lines) + " }")
+    reduce_decl = subgroup_args = reduce = ""
+    if lanes > 1:
+        count = len(sums)
+        reduce_decl = f"var<workgroup> red: array<f32, {count * STREAM_WG}>;"
+        if ctx.has_subgroups:
+            # Each subgroup's sum, then lane 0 adds the subgroups' (any subgroup size divides the workgroup).
+            subgroup_args = (",\n        @builtin(subgroup_invocation_id) sg_lane: u32, "
+                             "@builtin(subgroup_size) sg_size: u32")
+            lines = [f"{{ let v = subgroupAdd({v}); if (sg_lane == 0u) {{ red[(li / sg_size) * {count}u + {c}u] = v; }} }}"
+                     for c, v in enumerate(sums)]
+            lines.append("workgroupBarrier();")
+            lines += [f"if (li == 0u) {{ var t = 0.0; for (var j = 0u; j < WG / sg_size; j = j + 1u) "
+                      f"{{ t = t + red[j * {count}u + {c}u]; }} {v} = t; }}" for c, v in enumerate(sums)]
+        else:
+            lines = [f"red[li * {count}u + {c}u] = {v};" for c, v in enumerate(sums)]
+            lines += ["workgroupBarrier();",
+                      "for (var s = WG / 2u; s > 0u; s = s >> 1u) {",
+                      f"    if (li < s) {{ for (var c = 0u; c < {count}u; c = c + 1u) "
+                      f"{{ red[li * {count}u + c] = red[li * {count}u + c] + red[(li + s) * {count}u + c]; }} }}",
+                      "    workgroupBarrier();", "}"]
+            lines += [f"if (li == 0u) {{ {v} = red[{c}u]; }}" for c, v in enumerate(sums)]
+        lines.append("workgroupBarrier();          // red is written again by the next token block")
+        reduce = "\n".join("        " + line for line in lines)
+    if lanes == 1:
+        block, grid = "(wg.y * nwg.x + wg.x) * WG + li", grid_1d(blocks, STREAM_WG)
+    else:   # the block is the workgroup's, so the exit below and the barriers after it stay uniform
+        block, grid = "wg.y * nwg.x + wg.x", grid_1d(blocks, 1)
+    kernel = _kernel(ctx, f"{label}_stream", "stream", bindings, lambda s: grid, prelude=helpers(*parts),
+                   wg=STREAM_WG, lanes=lanes, packs=k // 8, reduce_decl=reduce_decl, subgroup_args=subgroup_args,
+                   m=f"({numel(x.shape)} / {k}u)", n=n, rows=rows, tokens=token_block, block=block,
+                   lane="0u" if lanes == 1 else "li",
+                   declare_acc="\n".join(f"        var {v} = 0.0;" for v in sums), body="\n".join(body),
+                   reduce=reduce, store="\n".join(store))
+    return replace(kernel, tokens=tokens)
 
 
 def _matmul(ctx, node_id, node: Node) -> list[Kernel]:
