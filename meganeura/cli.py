@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .graph import Graph
@@ -77,12 +78,23 @@ def _check_run_args(args) -> None:
         raise ValueError(f"--context must be at least 1, got {args.context}")
     if args.dump_egraph and args.no_optimize:
         raise ValueError("--dump-egraph needs the optimizer; drop --no-optimize")
+    if args.profile is not None:
+        if args.backend != "wgpu":
+            raise ValueError("--profile times GPU kernels; it needs --backend wgpu")
+        folder = os.path.dirname(os.path.abspath(args.profile))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--profile: the directory {folder} does not exist")
 
 
 def cmd_run(args) -> int:
     _check_run_args(args)
     from .hub import resolve
     from .model import Model
+
+    if args.profile:                 # before the model loads: a device that cannot time kernels fails fast
+        from .backend.device import open_device
+        from .backend.profile import check_device
+        check_device(open_device())
 
     if args.model is None:
         from .default_model import PATH as model_name
@@ -102,6 +114,10 @@ def cmd_run(args) -> int:
 
         dump(decoder.optimized, args.dump_egraph)
         print(f"e-graph, programs, graphs and report written to {args.dump_egraph}", file=sys.stderr)
+    profiler = None
+    if args.profile:
+        from .backend.profile import attach
+        profiler = attach(decoder)
     pieces = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat)
     try:
@@ -109,8 +125,13 @@ def cmd_run(args) -> int:
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
         print(flush=True)
+        if profiler is not None:             # the steps run so far are worth keeping
+            profiler.write(args.profile, model=args.model or "built-in")
         return 130
     print(flush=True)
+    if profiler is not None:
+        profiler.write(args.profile, model=args.model or "built-in")
+        print(f"kernel times of {profiler.steps} steps written to {args.profile}", file=sys.stderr)
     if args.stats:
         r = model.stats.rates()
         print(f"load: {model.times['load_s']:.3f} s\n"
@@ -156,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-optimize", action="store_true", help="run the graph as built, without the optimizer")
     p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
     p.add_argument("--stats", action="store_true", help="print load/compile times and token rates to stderr")
+    p.add_argument("--profile", metavar="FILE", help="write every kernel's GPU time per step as a Chrome/Perfetto "
+                   "trace (JSON; open in ui.perfetto.dev or chrome://tracing)")
     p.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)
     try:

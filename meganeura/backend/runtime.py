@@ -87,6 +87,7 @@ class WgpuRunner:
         self.arena: ArenaPlan | None = None
         self.rope_tables: dict[tuple, int] = {}
         self.states: dict[str, object] = {}        # persistent tensors (KV caches), kept across steps
+        self.profiler = None                        # a profile.Profiler times each dispatch while attached
         scalars = [n.attrs["name"] for n in graph.nodes if n.op == "input" and n.shape == ()]
         if any(s != "start_pos" for s in scalars):
             raise ValueError(f"the wgpu backend passes only 'start_pos' as a scalar input, got {scalars}")
@@ -281,18 +282,23 @@ class WgpuRunner:
             table = np.stack([np.cos(ang) * np.float32(scaling), np.sin(ang) * np.float32(scaling)], axis=-1)
             self._write(self.rope_buffers[key], 0, table.astype(np.float32))
         enc = self.gpu.create_command_encoder()
-        cp = enc.begin_compute_pass()
-        for pipe, group, grid in self.encoding(tokens):
-            cp.set_pipeline(pipe)
-            cp.set_bind_group(0, group)
-            cp.dispatch_workgroups(*grid)
-        cp.end()
+        if self.profiler is not None:
+            self.profiler.encode(enc, self, tokens, start)
+        else:
+            cp = enc.begin_compute_pass()
+            for pipe, group, grid in self.encoding(tokens):
+                cp.set_pipeline(pipe)
+                cp.set_bind_group(0, group)
+                cp.dispatch_workgroups(*grid)
+            cp.end()
         wanted = {o: st for o, st in self.staging.items() if outputs is None or self.graph.names[o] in outputs}
         sizes = {o: numel_at(self.graph[o].shape, tokens) * 4 for o in wanted}
         for o, staging in wanted.items():
             src = self.slots[self.arena.value_slot[base_of(self.graph, o)]]
             enc.copy_buffer_to_buffer(src, 0, staging, 0, padded(sizes[o]))
         q.submit([enc.finish()])
+        if self.profiler is not None:
+            self.profiler.collect()
         out = {}
         for o, staging in wanted.items():
             staging.map_sync(self.wgpu.MapMode.READ)
