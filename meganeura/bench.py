@@ -1,53 +1,22 @@
-"""`meganeura bench`: prefill and decode speed of a model, stated against the device's own ceilings
-measured in the same run. Random token ids; a config without weights gets random bf16 weights."""
+"""`meganeura bench`: prefill and decode speed of a model, each stated against what the device can do
+(its streaming-read and fma ceilings, measured by kernels in the same run), against the unoptimized
+graph and against PyTorch on the same weights, all in one run. Random token ids; a config without
+weights gets random bf16 weights."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
 
 import numpy as np
 
-from .backend.device import open_device
-from .backend.kernels import render
+from .hub import resolve
+from .model import load_model
+from .roofline import decode_bytes, step_flops
 
-
-def stream_read_gbps(device=None, nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """GB/s of a kernel that only reads a large buffer (the bound a weight-streaming decode step can reach)."""
-    import wgpu
-
-    dev = device or open_device()
-    gpu = dev.wgpu_device
-    nbytes = min(nbytes, dev.max_binding) // (256 * 16 * 64) * (256 * 16 * 64)
-    threads = 256 * 64 * 16
-    per = nbytes // 16 // threads
-    u = wgpu.BufferUsage
-    data = gpu.create_buffer(size=nbytes, usage=u.STORAGE | u.COPY_DST)
-    sink = gpu.create_buffer(size=threads * 4, usage=u.STORAGE | u.COPY_SRC)
-    module = gpu.create_shader_module(code=render("stream_read", per_thread=per))
-    pipe = gpu.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
-    group = gpu.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=[
-        {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": nbytes}},
-        {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": threads * 4}}])
-
-    def go(n):
-        enc = gpu.create_command_encoder()
-        cp = enc.begin_compute_pass()
-        cp.set_pipeline(pipe)
-        cp.set_bind_group(0, group)
-        for _ in range(n):
-            cp.dispatch_workgroups(threads // 256)
-        cp.end()
-        gpu.queue.submit([enc.finish()])
-        gpu.queue.read_buffer(sink, 0, 16)          # waits for the work
-
-    go(1)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        go(repeats)
-        best = min(best, (time.perf_counter() - t) / repeats)
-    return nbytes / best / 1e9
+ROUNDS = 3                   # each timed sequence runs this often (at least 2: the first prompt is cold);
+                             # the fastest run counts, as other work on the machine only ever slows one
 
 
 def _random_checkpoint(config_path: str, dest: str, seed: int = 0) -> None:
@@ -76,67 +45,187 @@ def _random_checkpoint(config_path: str, dest: str, seed: int = 0) -> None:
     shutil.copy(src, os.path.join(dest, "config.json"))
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def _sig(x: float, digits: int = 4) -> float:
+    """x rounded to `digits` significant digits (reported numbers, and the ratios taken from them)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
+def _sequence(model, prompt, new_tokens: int) -> dict:
+    """Time a greedy sequence through the model's generating program, ROUNDS times from a fresh cache:
+    the first prompt (cold: pipelines are built at the first step), the best prompt, and the decode steps
+    of the faster round with the host time each spent before its submit."""
+    session = model.session()
+    runner = model.decoder._runner
+    prefill, best = [], None
+    for _ in range(ROUNDS):
+        session.reset()
+        t0 = time.perf_counter()
+        token = session.feed(prompt)
+        prefill.append(time.perf_counter() - t0)
+        steps, encode = [], []
+        for _ in range(new_tokens):
+            t0 = time.perf_counter()
+            token = session.feed([int(token)])
+            steps.append(time.perf_counter() - t0)
+            encode.append(runner.last_encode_s if runner is not None else math.nan)
+        if best is None or sum(steps) < sum(best[0]):
+            best = (steps, encode)
+    steps, encode = best
+    return {"ttft_s": prefill[0], "prefill_s": min(prefill[1:]), "decode_s": sum(steps) / len(steps),
+            "encode_fraction": sum(encode) / sum(steps)}
+
+
+TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def torch_sequence(path: str, prompt, new_tokens: int) -> dict:
+    """PyTorch (transformers, on the CPU) on the same checkpoint in its stored dtype, the same greedy
+    sequence with the KV cache: {"prefill_s", "decode_s" (per token, prefill excluded), "dtype"}, or
+    {"error": why} when torch/transformers are missing or the checkpoint does not load into them whole."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        return {"error": f"not installed ({e.name})"}
+    from .weights import open_weights
+
+    tags = [t.dtype for t in open_weights(path).tensors.values() if t.dtype in TORCH_DTYPES]
+    tag = max(set(tags), key=tags.count) if tags else "F32"
+    dtype = getattr(torch, TORCH_DTYPES[tag])
+    log = transformers.utils.logging
+    level, bars = log.get_verbosity(), log.is_progress_bar_enabled()
+    log.set_verbosity_error()                   # the bench's output is its own lines
+    log.disable_progress_bar()
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except Exception as e:                      # the checkpoint is ours to bench even where transformers fails
+        return {"error": f"transformers cannot load it: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    finally:
+        log.set_verbosity(level)
+        if bars:
+            log.enable_progress_bar()
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):     # else it would not be the same model
+        if info.get(kind):
+            keys = sorted(info[kind])
+            return {"error": f"transformers reports {len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]}"}
+    model.eval()
+    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for _ in range(ROUNDS + 1):             # the first round warms up
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            prefill.append(time.perf_counter() - t0)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            decode.append((time.perf_counter() - t0) / new_tokens)
+    return {"prefill_s": min(prefill[1:]), "decode_s": min(decode[1:]), "dtype": TORCH_DTYPES[tag]}
 
 
 def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = "wgpu") -> dict:
-    from .model import load_model
-
-    has_weights = os.path.isdir(model) and any(f.endswith(".safetensors") for f in os.listdir(model))
+    """One run of every measurement `meganeura bench` reports (see the README's bench section)."""
+    if prompt_len < 1:
+        raise ValueError(f"--prompt-len must be at least 1, got {prompt_len}")
+    if new_tokens < 1:
+        raise ValueError(f"--new-tokens must be at least 1, got {new_tokens}")
     tmp = None
-    if not has_weights:
+    path = model if os.path.isfile(model) else resolve(model)
+    if not (os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))):
         tmp = tempfile.TemporaryDirectory()
-        _random_checkpoint(model, tmp.name)
-        model = tmp.name
-    rng = np.random.default_rng(0)
+        _random_checkpoint(path, tmp.name)
+        path = tmp.name
+    try:
+        return _bench(path, prompt_len, new_tokens, backend)
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+def _bench(path: str, prompt_len: int, new_tokens: int, backend: str) -> dict:
     context = prompt_len + new_tokens + 1
-    m = load_model(model, backend=backend, context=context, chunk=prompt_len)
-    prompt = rng.integers(0, m.config.vocab_size, prompt_len)
-
-    def steps(mm, n_new: int) -> tuple[float, float, float]:
-        """(first prefill, best prefill, mean decode step) seconds: prompt into a fresh cache, then greedy."""
-        session = mm.session()
-        prefill = []
-        for _ in range(3):
-            session.reset()
-            t0 = time.perf_counter()
-            token = session.feed(prompt)
-            prefill.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(n_new):
-            token = session.feed([int(token)])
-        return prefill[0], min(prefill[1:]), (time.perf_counter() - t0) / max(1, n_new)
-
+    m = load_model(path, backend=backend, context=context, chunk=prompt_len)
+    prompt = np.random.default_rng(0).integers(0, m.config.vocab_size, prompt_len)
     decoder = m.decoder                               # optimize, compile, upload (timed in m.times)
-    first, prefill_s, decode_s = steps(m, new_tokens)
-    runner = getattr(decoder, "_runner", None)
-    weight_bytes = sum(m.weights.tensors[n].end - m.weights.tensors[n].begin
-                       for n in set(m.weights.tensors)) if runner else 0
-    read = stream_read_gbps() if backend == "wgpu" else float("nan")
+    run = _sequence(m, prompt, new_tokens)
+    graph, runner = decoder.graph, decoder._runner
+    # The decode steps run at positions prompt_len .. prompt_len + new_tokens - 1: their mean bytes.
+    bytes_step = round(sum(decode_bytes(graph, m.weights, p) for p in range(prompt_len, prompt_len + new_tokens))
+                       / new_tokens)
+    flops = step_flops(graph, prompt_len, 0)
 
-    # The optimizer's worth: the same steps on the unoptimized graph, timed in this run.
-    plain = load_model(model, backend=backend, optimize=False, context=context, chunk=prompt_len)
-    _, plain_prefill_s, plain_decode_s = steps(plain, new_tokens)
-    plain_runner = getattr(plain.decoder, "_runner", None)
-    result = {
+    # The optimizer's worth: the same sequence on the unoptimized graph, timed in this run.
+    plain = load_model(path, backend=backend, optimize=False, context=context, chunk=prompt_len)
+    plain_run = _sequence(plain, prompt, new_tokens)
+    plain_runner = plain.decoder._runner
+    del plain
+
+    read, gflops = {}, {}
+    if runner is not None:
+        from .backend import ceilings
+        read = ceilings.stream_read(runner.dev)
+        gflops = ceilings.fma_gflops(runner.dev)
+    ref = torch_sequence(path, prompt, new_tokens)
+
+    decode_tps = _sig(1 / run["decode_s"])
+    prefill_tps = _sig(prompt_len / run["prefill_s"])
+    read_gbps = _sig(max(read.values())) if read else None
+    peak = _sig(max(gflops.values())) if gflops else None
+    return {
         "model": m.config.model_type, "layers": m.config.num_hidden_layers, "hidden": m.config.hidden_size,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "backend": backend,
         "device": runner.dev.name if runner else "numpy",
-        "load_s": round(m.times["load_s"], 3), "compile_s": round(m.times["compile_s"], 3),
-        "ttft_s": round(first, 4),
-        "prefill_tokens_per_s": round(prompt_len / prefill_s, 2),
-        "decode_tokens_per_s": round(1 / decode_s, 2), "decode_mode": "kv-cache",
-        "dispatches_per_step": len(runner.encoding(1)) if runner else None,
-        "dispatches_per_step_unoptimized": len(plain_runner.encoding(1)) if plain_runner else None,
-        "opt_speedup": round(plain_decode_s / decode_s, 3),
-        "opt_speedup_prefill": round(plain_prefill_s / prefill_s, 3),
-        "bytes_per_decode_step": weight_bytes,
-        "device_read_gbps": round(read, 2),
-        "decode_efficiency": round(weight_bytes / decode_s / (read * 1e9), 4) if runner else None,
+        "load_s": _sig(m.times["load_s"]), "compile_s": _sig(m.times["compile_s"]),
+        "optimize_s": _sig(decoder.optimize_s),
+        "ttft_s": _sig(run["ttft_s"]),
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens_per_s": decode_tps, "decode_mode": "kv-cache",
+        "dispatches_per_decode_step": len(runner.encoding(1)) if runner else None,
+        "dispatches_per_decode_step_unoptimized": len(plain_runner.encoding(1)) if plain_runner else None,
+        "opt_speedup": _sig(plain_run["decode_s"] / run["decode_s"]),
+        "opt_speedup_prefill": _sig(plain_run["prefill_s"] / run["prefill_s"]),
+        "host_encode_fraction": _sig(run["encode_fraction"]) if runner else None,
+        "bytes_per_decode_step": bytes_step,
+        "device_read_gbps": read_gbps,
+        "device_read_pattern": max(read, key=read.get) if read else None,
+        "decode_efficiency": _sig(bytes_step * decode_tps / (read_gbps * 1e9)) if read else None,
+        "prefill_flops": flops,
+        "device_gflops": peak,
+        "device_fma_chains": max(gflops, key=gflops.get) if gflops else None,
+        "prefill_efficiency": _sig(flops * prefill_tps / prompt_len / (peak * 1e9)) if gflops else None,
+        "torch_dtype": ref.get("dtype"),
+        "torch_prefill_tokens_per_s": _sig(prompt_len / ref["prefill_s"]) if "prefill_s" in ref else None,
+        "torch_decode_tokens_per_s": _sig(1 / ref["decode_s"]) if "decode_s" in ref else None,
+        **({"torch_error": ref["error"]} if "error" in ref else {}),
     }
-    if tmp:
-        tmp.cleanup()
-    return result
+
+
+def summary(r: dict) -> list[str]:
+    """A few aligned lines of a bench result for people (the JSON line carries every field)."""
+    def num(v, fmt: str = ".4g", unit: str = "") -> str:
+        return "-" if v is None else f"{v:{fmt}}{unit}"
+
+    def pct(v) -> str:
+        return num(None if v is None else 100 * v, ".1f", "%")
+
+    rows = [
+        ("model", f"{r['model']}, {r['layers']} layers, hidden {r['hidden']}",
+         f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens on {r['device']}"),
+        ("prefill", num(r["prefill_tokens_per_s"], ".1f", " tok/s"),
+         f"{pct(r['prefill_efficiency'])} of {num(r['device_gflops'])} GFLOP/s, opt {r['opt_speedup_prefill']}x, "
+         f"torch {num(r['torch_prefill_tokens_per_s'], '.1f', ' tok/s')}, first token {r['ttft_s']} s"),
+        ("decode", num(r["decode_tokens_per_s"], ".1f", " tok/s"),
+         f"{pct(r['decode_efficiency'])} of {num(r['device_read_gbps'])} GB/s, opt {r['opt_speedup']}x, "
+         f"torch {num(r['torch_decode_tokens_per_s'], '.1f', ' tok/s')}"),
+        ("step", f"{r['bytes_per_decode_step'] / 1e6:.2f} MB",
+         f"{r['dispatches_per_decode_step']} dispatches ({r['dispatches_per_decode_step_unoptimized']} "
+         f"unoptimized), host encoding {pct(r['host_encode_fraction'])}"),
+        ("setup", f"{r['load_s']} s load", f"compile {r['compile_s']} s, of it optimizer {r['optimize_s']} s"),
+    ]
+    width = max(len(value) for _, value, _ in rows[1:])
+    return [f"{label:8s} {value:>{width}s}  {detail}" if label != "model" else f"{label:8s} {value}; {detail}"
+            for label, value, detail in rows]

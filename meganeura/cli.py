@@ -47,12 +47,11 @@ def cmd_devices(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from .bench import bench
+    from .bench import bench, summary
 
     result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, backend=args.backend)
     if not args.json:
-        for k, v in result.items():
-            print(f"{k:24s} {v}")
+        print("\n".join(summary(result)))
     print(json.dumps(result))
     return 0
 

@@ -1,6 +1,7 @@
 """A compiled graph, ready to run: `mn.compile(graph, backend=...)` returns one."""
 from __future__ import annotations
 
+import time
 from typing import Mapping
 
 import numpy as np
@@ -31,10 +32,13 @@ class Program:
         if backend == "wgpu":
             from .backend.device import open_device
             device = open_device()
+        self.optimize_s = 0.0                   # seconds the optimizer took (bench reports it)
         if optimize:
             from .optimize import DeviceCost, optimize as run_optimizer
             cost = DeviceCost.for_adapter(device.adapter_type) if device else DeviceCost()
+            began = time.perf_counter()
             self.optimized = run_optimizer(graph, cost, keep=keep)
+            self.optimize_s = time.perf_counter() - began
             graph = self.optimized.graph
         self.graph = graph
         if device is not None:

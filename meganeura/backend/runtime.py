@@ -4,6 +4,7 @@ capacity, and each forward step encoded as one compute pass and one submit.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -266,6 +267,7 @@ class WgpuRunner:
 
     def run(self, fed: dict[str, np.ndarray], tokens: int, weights, outputs=None) -> dict[str, np.ndarray]:
         """One step; reads back the outputs named in `outputs` (all when None)."""
+        began = time.perf_counter()
         self.bind_weights(weights)
         if self.arena is None or tokens > self.arena.capacity:
             self._prepare(max(tokens, 2 * self.arena.capacity if self.arena else 16))
@@ -296,7 +298,9 @@ class WgpuRunner:
         for o, staging in wanted.items():
             src = self.slots[self.arena.value_slot[base_of(self.graph, o)]]
             enc.copy_buffer_to_buffer(src, 0, staging, 0, padded(sizes[o]))
-        q.submit([enc.finish()])
+        cmds = enc.finish()
+        self.last_encode_s = time.perf_counter() - began      # host time to prepare the step (bench reports it)
+        q.submit([cmds])
         if self.profiler is not None:
             self.profiler.collect()
         out = {}

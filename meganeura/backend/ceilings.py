@@ -1,0 +1,134 @@
+"""The device's own ceilings, measured by kernels: how fast it streams bytes in, how fast it does fma.
+
+A speed is only meaningful against what the device can do at all, so `meganeura bench` states decode
+against the streaming-read ceiling and prefill against the arithmetic ceiling, both measured in the same
+run. Each ceiling is the best of a few variants of one template (access patterns for reads, independent
+fma chains for arithmetic): the fastest variant differs by device, and a ceiling set by a slow variant
+would flatter every ratio taken against it.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .device import Device, open_device
+from .kernels import render
+
+WG = 256
+TARGET_S = 0.05              # the least time a timed batch of dispatches runs: timer and submit noise stay small
+
+# name -> (element, scalar, combine, index of read r, reads per loop trip)
+READ_PATTERNS = {
+    # lane i reads element r * invocations + i: adjacent lanes on adjacent elements (coalesced on a GPU)
+    "strided-vec4f32": ("vec4<f32>", "f32", "+", "r * invocations + invocation", 1),
+    # each invocation reads its own contiguous run
+    "contiguous-vec4f32": ("vec4<f32>", "f32", "+", "invocation * PER + r", 1),
+    # the strided pattern through integer loads (no float unpacking or adds on the way)
+    "strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1),
+    # a workgroup reads one contiguous block, its lanes adjacent: one long run per CPU core on lavapipe
+    "block-vec4f32": ("vec4<f32>", "f32", "+", "(group * PER + r) * WG + lane", 4),
+    "block-vec4u32": ("vec4<u32>", "u32", "^", "(group * PER + r) * WG + lane", 4),
+}
+FMA_CHAINS = (8, 16, 32)     # independent vec4 chains per invocation (the ILP variants)
+
+
+def _seconds_per_dispatch(gpu, pipe, group, groups: int, sink) -> float:
+    """Seconds one dispatch of `groups` workgroups takes: dispatches back to back in one pass, as many as
+    run TARGET_S, best of three batches (after one warm-up batch)."""
+    def batch(n: int) -> float:
+        t = time.perf_counter()
+        enc = gpu.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        cp.set_pipeline(pipe)
+        cp.set_bind_group(0, group)
+        for _ in range(n):
+            cp.dispatch_workgroups(groups)
+        cp.end()
+        gpu.queue.submit([enc.finish()])
+        gpu.queue.read_buffer(sink, 0, 4)         # waits for the work
+        return time.perf_counter() - t
+
+    n, took = 1, batch(1)
+    while took < TARGET_S and n < 4096:
+        n = min(4096, max(2 * n, int(n * TARGET_S / max(took, 1e-6)) + 1))
+        took = batch(n)
+    return min([took] + [batch(n) for _ in range(2)]) / n
+
+
+def _kernel(gpu, source: str, buffers):
+    module = gpu.create_shader_module(code=source)
+    pipe = gpu.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+    group = gpu.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=[
+        {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in enumerate(buffers)])
+    return pipe, group
+
+
+def _best_rates(gpu, variants: dict, sink, rounds: int = 2) -> dict:
+    """{variant: work per second} of variants {name: (pipeline, bind group, workgroups, work per dispatch)},
+    each timed once per round and its best kept: rounds interleave the variants, so a moment of
+    interference from other processes does not decide which one wins."""
+    best = {name: 0.0 for name in variants}
+    for _ in range(rounds):
+        for name, (pipe, group, groups, work) in variants.items():
+            best[name] = max(best[name], work / _seconds_per_dispatch(gpu, pipe, group, groups, sink))
+    return best
+
+
+def _chains(n: int, first: str, step: str, join: str, kind: str = "vec4<f32>") -> tuple[str, str, str]:
+    """(declarations, loop body, reduction) of n independent accumulators a0..a{n-1}."""
+    declare = "\n".join(f"    var a{i} = {first.format(i=i, kind=kind)};" for i in range(n))
+    body = "\n".join(f"        {step.format(i=i)}" for i in range(n))
+    total = f" {join} ".join(f"a{i}" for i in range(n))
+    return declare, body, total
+
+
+def stream_read(device: Device | None = None, nbytes: int = 256 << 20) -> dict[str, float]:
+    """GB/s of each READ_PATTERNS variant reading one buffer of up to `nbytes` (the bound a weight-streaming
+    decode step can reach): {pattern: GB/s}."""
+    import wgpu
+
+    dev = device or open_device()
+    gpu = dev.wgpu_device
+    invocations = WG * 1024
+    nbytes = min(nbytes, dev.max_binding) // (invocations * 16 * 4) * (invocations * 16 * 4)
+    per = nbytes // 16 // invocations
+    u = wgpu.BufferUsage
+    data = gpu.create_buffer(size=nbytes, usage=u.STORAGE | u.COPY_DST)
+    # Written with data, not left zero: on a CPU device untouched zero pages may all share one physical
+    # page, and reading them would measure a cache instead of memory.
+    piece = np.arange(min(nbytes, 32 << 20) // 4, dtype=np.uint32)
+    for at in range(0, nbytes, piece.nbytes):
+        gpu.queue.write_buffer(data, at, piece[:(nbytes - at) // 4])
+    sink = gpu.create_buffer(size=invocations * 4, usage=u.STORAGE | u.COPY_SRC)
+    variants = {}
+    for name, (elem, scalar, op, index, unroll) in READ_PATTERNS.items():
+        declare, _, total = _chains(unroll, "{kind}()", "", op, elem)
+        body = "\n".join(f"        a{j} = a{j} {op} data[index(r + {j}u, gid.x, lane, wid.x, invocations)];"
+                         for j in range(unroll))
+        source = render("stream_read", elem=elem, scalar=scalar, per_thread=per, wg=WG, index=index,
+                        declare=declare, body=body, unroll=unroll, reduce=_horizontal(f"({total})", op))
+        variants[name] = _kernel(gpu, source, [data, sink]) + (invocations // WG, nbytes / 1e9)
+    return _best_rates(gpu, variants, sink, rounds=3)
+
+
+def _horizontal(v: str, op: str) -> str:
+    return f" {op} ".join(f"{v}.{c}" for c in "xyzw")
+
+
+def fma_gflops(device: Device | None = None, groups: int = 1024, iterations: int = 64) -> dict[int, float]:
+    """GFLOP/s of the fma kernel for each FMA_CHAINS variant: {chains: GFLOP/s}."""
+    import wgpu
+
+    dev = device or open_device()
+    gpu = dev.wgpu_device
+    invocations = groups * WG
+    u = wgpu.BufferUsage
+    sink = gpu.create_buffer(size=invocations * 4, usage=u.STORAGE | u.COPY_SRC)
+    variants = {}
+    for chains in FMA_CHAINS:
+        declare, body, total = _chains(chains, "{kind}(seed + {i}.0)", "a{i} = fma(a{i}, m, c);", "+")
+        source = render("fma", wg=WG, iterations=iterations, declare=declare, body=body,
+                        reduce=_horizontal(f"({total})", "+"))
+        variants[chains] = _kernel(gpu, source, [sink]) + (groups, invocations * iterations * chains * 8 / 1e9)
+    return _best_rates(gpu, variants, sink)
