@@ -1,6 +1,8 @@
 // Causal (optionally sliding-window) softmax attention, one workgroup per (query, head). Keys are the
 // step's own (position j in row j) or a ring-buffer cache (position j in slot j mod slots).
 // Keys are visited in blocks of 64 with an online softmax, so any cache length fits in workgroup memory.
+// Split over the keys (decode steps over a long cache): the grid's z runs split the query's keys and
+// each writes its partial (max, sum, unnormalised values) for a combine pass (key_range, epilogue).
 // Heads are read straight out of [tokens, row] tensors at a column offset, so one packed Q|K|V projection
 // can serve all three. Specialised by substitution: q and k may be RMS-normed (q_elem/k_elem) and
 // RoPE-rotated as they are loaded, v unit-normed (v_scale); without those the loads are plain.
@@ -63,6 +65,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let qi = Tk - S + i;                 // the query's index among the keys
     var lo = 0u;
     ${window_lo}
+    var hi = qi + 1u;                    // the query sees keys lo .. hi - 1
+    ${key_range}
     let q_base = i * ${q_row}u + ${q_at}u + h * D;
     for (var d = li; d < D; d = d + WG) { acc[d] = 0.0; q_raw[d] = load_q(q_base + d); }
     workgroupBarrier();
@@ -71,10 +75,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var m_run = -3.0e38;
     var l_run = 0.0;
     workgroupBarrier();
-    for (var j0 = lo; j0 <= qi; j0 = j0 + WG) {
+    for (var j0 = lo; j0 < hi; j0 = j0 + WG) {
         let j = j0 + li;
         var s = -3.0e38;
-        if (j <= qi) {
+        if (j < hi) {
             // This thread's key, normed and rotated on the fly (recomputed by every query's workgroup).
             let k_base = slot(j) * ${k_row}u + ${k_at}u + g * D;
             ${k_rms}
@@ -87,12 +91,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             ${v_rms}
         }
         let m_new = max(m_run, reduce_max(s, li));
-        let p = select(0.0, exp(s - m_new), j <= qi);
+        let p = select(0.0, exp(s - m_new), j < hi);
         scores[li] = p;
         let correction = exp(m_run - m_new);
         l_run = l_run * correction + reduce_sum(p, li);
         m_run = m_new;
-        let count = min(WG, qi + 1u - j0);
+        let count = min(WG, hi - j0);
         for (var d = li; d < D; d = d + WG) {
             var a = acc[d] * correction;
             for (var t = 0u; t < count; t = t + 1u) {
@@ -103,7 +107,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
     }
-    for (var d = li; d < D; d = d + WG) {
-        out[(i * ${q_heads}u + h) * D + d] = acc[d] / l_run;
-    }
+${epilogue}
 }

@@ -347,6 +347,55 @@ def test_cache_write_and_attention_over_a_cache(kv, group, half, window, at, nor
             pos += n
 
 
+@settings(max_examples=10, deadline=None)
+@given(kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), half=st.integers(1, 12),
+       window=st.one_of(st.none(), st.integers(1, 12)), pad=st.integers(0, 3), q_norm=st.booleans(),
+       k_norm=st.sampled_from([None, "weighted", "unit"]), rope=st.booleans(), softcap=st.sampled_from([None, 3.0]),
+       keys_per_split=st.integers(1, 5), prefill=st.integers(1, 9),
+       steps=st.lists(st.integers(1, 4), min_size=8, max_size=24), extra_slots=st.sampled_from([0, 0, 20]),
+       dtype=wdtypes)
+def test_split_attention_over_a_cache(kv, group, half, window, pad, q_norm, k_norm, rope, softcap, keys_per_split,
+                                      prefill, steps, extra_slots, dtype):
+    """Decode steps (up to kernels.SPLIT_TOKENS tokens) run the split-KV kernels: keys shared among several
+    workgroups, early positions leaving some splits empty, ring caches wrapping (or windows far shorter
+    than the cache: extra_slots). q is read out of one packed [S, pad | q | k | v | pad] tensor whose k and
+    v go through cache writes."""
+    from meganeura.backend import kernels
+    d, nh = 2 * half, kv * group
+    chunk = max([prefill, *steps])
+    slots = (prefill + sum(steps) if window is None else window + chunk - 1) + extra_slots
+    g = mn.Graph()
+    pos = g.input("start_pos", (), "i32", default=0)
+    width = pad + (nh + 2 * kv) * d
+    x = g.input("x", (S, width + pad))
+    table = (tuple(np.abs(rand(d // 2, seed=7)).tolist()), 1.1) if rope else None
+    k_at, v_at = pad + nh * d, pad + (nh + kv) * d
+    kc = g.cache_write(g.state("k_cache", (slots, kv, d)), x, pos, at=k_at, norm=k_norm, eps=1e-6, rope=table,
+                       norm_w=g.parameter("kn", (d,)) if k_norm == "weighted" else None)
+    vc = g.cache_write(g.state("v_cache", (slots, kv, d)), x, pos, at=v_at)
+    out = g.fused_attention(x, kc, vc, heads=nh, kv_heads=kv, head_dim=d, q_at=pad, norms=int(q_norm), eps=1e-6,
+                            q_norm_w=g.parameter("qn", (d,)) if q_norm else None, pos=pos, rope=table,
+                            scale=d ** -0.5, window=window, softcap=softcap, cached=True)
+    g.set_outputs({"y": out})
+    TESTED.update(n.op for n in g.nodes)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.safetensors")
+        write_safetensors(path, {"kn": (1 + rand(d, seed=5) / 4, dtype), "qn": (1 + rand(d, seed=6) / 4, dtype)})
+        weights = mn.open_weights(path)
+        gpu, ref = mn.compile(g, backend="wgpu", optimize=False), mn.compile(g, backend="numpy", optimize=False)
+        at = 0
+        with pytest.MonkeyPatch.context() as mp:           # read when the first step lowers the graph
+            mp.setattr(kernels, "KEYS_PER_SPLIT", keys_per_split)
+            for step, n in enumerate([prefill, *steps]):
+                feed = {"x": rand(n, width + pad, seed=step), "start_pos": at}
+                want = ref.run(feed, weights)["y"]
+                np.testing.assert_allclose(gpu.run(feed, weights)["y"], want, rtol=1e-4, atol=1e-4,
+                                           err_msg=f"step of {n} at position {at}")
+                at += n
+    splits = min(kernels.MAX_SPLITS, -(-slots // keys_per_split))
+    assert [k.grid(1)[2] for k in gpu._runner.kernels[out] if k.label.endswith("_split")] == [splits] * (splits > 1)
+
+
 def test_every_op_is_covered():
     """Runs last in this module: every op of the table has been compared on the GPU above."""
     computed = {name for name, op in OPS.items() if op.meaning is not None} - {"reshape"}

@@ -700,13 +700,65 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     if softcap:
         parts.append(TANH)
     cached = a["cached"]
-    return [_kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1),
-                    prelude=helpers(*parts), head_dim=d, half=d // 2, eps=lit(a["eps"]), queries=dim(q.shape[0]),
-                    keys="(step.start + step.S)" if cached else dim(k.shape[0]),
-                    slot=f"j % {k.shape[0]}u" if cached else "j", group=nh // nkv, q_heads=nh, q_row=_row_width(q), k_row=_row_width(k),
-                    v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"], q_rms=q_rms, q_elem=q_elem,
-                    k_rms=k_rms, k_elem=k_elem, q_value=q_value, k_value=k_value, v_rms=v_rms, v_value=v_value,
-                    scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap)]
+    subs = dict(prelude=helpers(*parts), head_dim=d, half=d // 2, eps=lit(a["eps"]), queries=dim(q.shape[0]),
+                keys="(step.start + step.S)" if cached else dim(k.shape[0]),
+                slot=f"j % {k.shape[0]}u" if cached else "j", group=nh // nkv, q_row=_row_width(q),
+                k_row=_row_width(k), v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"],
+                q_rms=q_rms, q_elem=q_elem, k_rms=k_rms, k_elem=k_elem, q_value=q_value, k_value=k_value,
+                v_rms=v_rms, v_value=v_value, scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap)
+    normalise = f"    for (var d = li; d < D; d = d + WG) {{ out[(i * {nh}u + h) * D + d] = acc[d] / l_run; }}"
+    whole = _kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1), key_range="",
+                    epilogue=normalise, **subs)
+    splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if cached else 1
+    if splits < 2:
+        return [whole]
+    return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)),
+            *_split_attention(ctx, node_id, label, bindings, nh, d, splits, subs)]
+
+
+# Split-KV attention (flash-decoding) for steps of up to SPLIT_TOKENS tokens over a cache: each query's
+# keys are shared among ceil(slots / KEYS_PER_SPLIT) workgroups (at most MAX_SPLITS), so a decode step
+# fills the machine at long contexts instead of running one workgroup per head.
+SPLIT_TOKENS = 4
+KEYS_PER_SPLIT = 256
+MAX_SPLITS = 32
+
+
+def _split_attention(ctx, node_id, label, bindings, nh: int, d: int, splits: int, subs: dict) -> list[Kernel]:
+    """The attention template with its keys split across grid z, writing partials (m, l, acc[d]) per
+    (query, head, split) to scratch, then a rowreduce pass per (query, head) that merges them."""
+    record = d + 2
+    scratch = Ref("scratch", node_id, nh * splits * record * 4)       # bytes per token
+    # Equal shares of the keys the query sees (known only at run time: they grow with step.start), rounded
+    # up to whole blocks of the template's 64 keys: as few blocks in all as one pass would visit, and no
+    # split has more. Late shares may be empty (lo == hi): their partial is neutral (m = -3e38, l = 0)
+    # and weighs nothing in the merge. A KEYS_PER_SPLIT below 64 rounds to itself (short caches split too).
+    align = min(64, KEYS_PER_SPLIT)
+    key_range = (f"let share = ((hi - lo + {splits - 1}u) / {splits}u + {align - 1}u) / {align}u * {align}u;\n"
+                 f"    lo = min(hi, lo + wg.z * share);\n    hi = min(hi, lo + share);")
+    epilogue = (f"    let rec = ((i * {nh}u + h) * {splits}u + wg.z) * {record}u;\n"
+                "    if (li == 0u) { part[rec] = m_run; part[rec + 1u] = l_run; }\n"
+                "    for (var d = li; d < D; d = d + WG) { part[rec + 2u + d] = acc[d]; }")
+    partials = _kernel(ctx, f"{label}_split", "attention", bindings + [Binding("part", scratch, "f32", write=True)],
+                       lambda s: (nh, s, splits), key_range=key_range, epilogue=epilogue, **subs)
+    body = f"""    // This (query, head)'s partials: {splits} records of [m, l, acc[{d}]], rescaled to their common max.
+    let rec = row * {splits * record}u;
+    var mx = -3.0e38;
+    for (var z = 0u; z < {splits}u; z = z + 1u) {{ mx = max(mx, load_part(rec + z * {record}u)); }}
+    var total = 0.0;
+    for (var z = 0u; z < {splits}u; z = z + 1u) {{
+        total = total + exp(load_part(rec + z * {record}u) - mx) * load_part(rec + z * {record}u + 1u);
+    }}
+    for (var j = li; j < n; j = j + WG) {{
+        var a = 0.0;
+        for (var z = 0u; z < {splits}u; z = z + 1u) {{
+            a = a + exp(load_part(rec + z * {record}u) - mx) * load_part(rec + z * {record}u + 2u + j);
+        }}
+        out[base + j] = a / total;
+    }}"""
+    combine = _kernel(ctx, f"{label}_combine", "rowreduce", [Binding("part", scratch, "f32"), _out(node_id)],
+                      lambda s: grid_1d(s * nh, 1), rows=f"(step.S * {nh}u)", width=d, body=body)
+    return [replace(k, tokens=(1, SPLIT_TOKENS)) for k in (partials, combine)]
 
 
 def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:

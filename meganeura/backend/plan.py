@@ -3,7 +3,7 @@
 Reshapes are views (they share their source's slot); a cache write's value is its state, which lives
 outside the arena (states persist across steps). A slot is reused by a later value once every
 reader of its current value has been dispatched; graph outputs and inputs keep their slots. Per-op
-scratch lives only during its op.
+scratch lives only during its op, sized for the largest step its kernels run for.
 """
 from __future__ import annotations
 
@@ -60,9 +60,10 @@ def plan_arena(graph: Graph, kernels: dict[int, list[Kernel]], capacity: int) ->
         views = node.op in ("parameter", "state", "reshape", "cache_write")
         if not views and not (node.op == "input" and node.shape == ()):
             plan.value_slot[i] = take(value_bytes(graph, i, capacity))
-            scratch = [b.ref for k in kernels.get(i, []) for b in k.bindings if b.ref.kind == "scratch"]
-            if scratch:
-                plan.scratch_slot[i] = take(padded(scratch[0].window * capacity))   # window: bytes per token
+            users = [(b.ref, k.tokens[1]) for k in kernels.get(i, []) for b in k.bindings if b.ref.kind == "scratch"]
+            if users:   # window: bytes per token; only steps the scratch's kernels run for need room
+                tokens = min(capacity, max(most for _, most in users))
+                plan.scratch_slot[i] = take(padded(users[0][0].window * tokens))
                 free.append(plan.scratch_slot[i])
         for j in {base_of(graph, j) for j in node.inputs}:
             if last_use.get(j) == i and j in plan.value_slot and j not in pinned:
