@@ -217,6 +217,45 @@ def test_linear_streamed(layout, s, k, n, lead, norm, act, bias, softcap, residu
         check(g, out, feed, params, rtol=1e-4)
 
 
+@settings(max_examples=12, deadline=None)
+@given(s=st.integers(1, 150), k=st.integers(1, 80), n=st.integers(1, 150), lead=st.sampled_from([(), (2,)]),
+       norm=st.sampled_from([None, "weighted", "unit"]), act=st.sampled_from([None, "silu", "gelu_tanh"]),
+       bias=st.booleans(), softcap=st.sampled_from([None, 1.5]), residual=st.booleans(),
+       window_rows=st.sampled_from([None, 7, 50]), dtype=wdtypes)
+def test_linear_tiles(s, k, n, lead, norm, act, bias, softcap, residual, window_rows, dtype):
+    """The tiled GEMM (the GPU layout takes it for steps of more than 8 tokens and for any K not a multiple
+    of 8) over several output tiles, partial at both edges, with every prologue and epilogue, and with the
+    weight in row windows of `window_rows` rows (a gated one then goes through scratch and a gate pass)."""
+    g = mn.Graph()
+    out, feed, params = linear_case(g, s, k, n, lead, norm, bias, act, softcap, residual, dtype)
+    rows = 2 * n if act else n
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", "gpu")
+        if window_rows is not None:     # vectors (bias, norm weight) must still fit one binding
+            row_bytes = k * (4 if dtype == "f32" else 2)
+            mp.setenv("MEGANEURA_MAX_BINDING", str(max(4 * max(rows, k), window_rows * row_bytes)))
+        check(g, out, feed, params, rtol=1e-4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(s=st.integers(1, 150), k=st.integers(1, 80), n=st.integers(1, 150), transpose=st.booleans(),
+       b_is_weight=st.booleans(), dtype=wdtypes)
+def test_matmul_tiles(s, k, n, transpose, b_is_weight, dtype):
+    """The tiled GEMM as a plain matmul over several output tiles: B [N, K] or [K, N], a weight or an
+    activation."""
+    g = mn.Graph()
+    shape = (n, k) if transpose else (k, n)
+    b_value = rand(*shape, seed=1)
+    x = g.input("x", (S, k))
+    if b_is_weight:
+        b, feed, params = g.parameter("w", shape), {"x": rand(s, k)}, {"w": (b_value, dtype)}
+    else:
+        b, feed, params = g.input("b", shape), {"x": rand(s, k), "b": b_value}, None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", "gpu")
+        check(g, g.matmul(x, b, transpose_b=transpose), feed, params, rtol=1e-4)
+
+
 BINDING = 128      # bytes: every weight row and vector below fits, every weight matrix needs windows
 
 

@@ -398,17 +398,22 @@ def _topk_route(ctx, node_id, node: Node) -> list[Kernel]:
 
 # ---------------------------------------------------------------- matrix ops
 
-NORM_PROLOGUE = """    // Each tile row's 1/rms, once per workgroup: the row's 16 threads split it, a_tile holds their sums.
-    var ss = 0.0;
-    if (m < M) {{
-        for (var kk = lid.x; kk < K; kk = kk + T) {{ let v = load_a(m * K + kk); ss = ss + v * v; }}
+# Tiled GEMM (gemm.wgsl): output tile (token rows, weight rows) per workgroup and the K step. Each thread
+# holds a 4x4 block, so 64x64 runs 256 threads (tiles must keep that at most 256 and each thread staging
+# whole elements); workgroup memory (two k-major tiles of TK x (T + 4) f32, a third for a gated op's up
+# rows, the norm's row scales) is 13 KiB at most, within WebGPU's default 16 KiB.
+GEMM_TILE = (64, 64, 16)
+
+NORM_ROW_SCALES = """    // Each row's 1/rms from the partial sums of squares of the TK threads that staged it (in a_tile).
+    for (var j = 0u; j < A_LOADS; j = j + 1u) {{
+        let e = j * WG + li;
+        a_tile[e % TK][(e / TK) / 4u][(e / TK) % 4u] = ss[j];
     }}
-    a_tile[lid.y][lid.x] = ss;
     workgroupBarrier();
-    if (lid.x == 0u) {{
+    if (li < TM) {{
         var total = 0.0;
-        for (var c = 0u; c < T; c = c + 1u) {{ total = total + a_tile[lid.y][c]; }}
-        row_scale[lid.y] = 1.0 / sqrt(total / f32(K) + {eps});
+        for (var kk = 0u; kk < TK; kk = kk + 1u) {{ total = total + a_tile[kk][li / 4u][li % 4u]; }}
+        row_scale[li] = 1.0 / sqrt(total / f32(K) + {eps});
     }}
     workgroupBarrier();"""
 
@@ -445,14 +450,18 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
         w_binding = lambda i: Binding("w", Ref("param", pname, i), ctx.param_dtype(pname))
     assert act is None or len(windows) == 1, "a gated GEMM needs its gate and up rows in one window"
 
+    tile_m, tile_n, tile_k = GEMM_TILE
     shared = [ctx.value(x_id, "a")]
-    load_a, prologue = "load_a(m * K + ka)", ""
+    tile_decls, norm_sum, scale_a, norm_finish, row_scale = [], "", "", "", "1.0"
     if norm is not None:
-        load_a += " * row_scale[lid.y]"
-        prologue = NORM_PROLOGUE.format(eps=lit(eps))
+        # rms_norm(x) · w = (1/rms) (x · w): the rows' scales multiply the finished sums.
+        tile_decls.append("var<workgroup> row_scale: array<f32, TM>;")
+        norm_sum = "            ss[j] = ss[j] + v * v;"
+        norm_finish = NORM_ROW_SCALES.format(eps=lit(eps))
+        row_scale = "row_scale[4u * ty + i]"
         if norm_w is not None:
             shared.append(ctx.value(norm_w, "nw"))
-            load_a += " * load_nw(ka)"
+            scale_a = " * load_nw(ka)"
     out_stride = rows // 2 if act else rows
     epilogue, parts = [], []
     if bias is not None:
@@ -460,9 +469,11 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
         epilogue.append("y = y + load_bias(col);")
     stage_up = accumulate_up = ""
     if act is not None:
-        parts += [*act_fn(act), "var<workgroup> up_tile: array<array<f32, 16>, 16>;"]
-        stage_up = "        up_tile[lid.y][lid.x] = select(0.0, load_w((nb + N) * K + kb), nb < N && kb < K);"
-        accumulate_up = "            acc_up = acc_up + a_tile[lid.y][kk] * up_tile[lid.x][kk];"
+        parts += act_fn(act)
+        tile_decls.append("var<workgroup> up_tile: array<array<vec4<f32>, TN / 4u + 1u>, TK>;")
+        stage_up = "            up_tile[kk][c / 4u][c % 4u] = select(0.0, load_w((n + N) * K + kb), inside);"
+        accumulate_up = "\n".join(["            let u = up_tile[kk][tx];"] + [
+            f"            up_sums[{i}] = up_sums[{i}] + a.{c} * u;" for i, c in enumerate("xyzw")])
         epilogue.append(f"y = act(y) * (acc_up{' + load_bias(col + N)' if bias is not None else ''});")
     if residual is not None:
         shared.append(ctx.value(residual, "residual"))
@@ -475,14 +486,20 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
         n = (r1 - r0) // 2 if act else r1 - r0
 
         def grid(s, n=n):
-            return -(-n // 16), -(-(numel_at(x.shape, s) // k) // 16), 1
+            return -(-n // tile_n), -(-(numel_at(x.shape, s) // k) // tile_m), 1
 
+        # B tile element e of this thread: a weight row [N, K] is read along k by consecutive threads, a
+        # plain matmul's B [K, N] along n, so that either way the reads are coalesced.
+        b_coords = "let c = e / TK;\n            let kk = e % TK;" if transpose else \
+                   "let c = e % TN;\n            let kk = e / TN;"
         kernels.append(_kernel(
             ctx, label, "gemm", shared[:1] + [w_binding(i)] + shared[1:] + [out or _out(node_id)], grid,
-            prelude=helpers(*parts), m=f"({numel(x.shape)} / {k}u)", n=n, k=k, prologue=prologue, load_a=load_a,
-            load_b="load_w(nb * K + kb)" if transpose else "load_w(kb * N + nb)", stage_up=stage_up,
-            accumulate_up=accumulate_up, col0=r0, out_stride=out_stride,
-            epilogue="\n".join("        " + line for line in epilogue)))
+            prelude=helpers(*parts), tile_m=tile_m, tile_n=tile_n, tile_k=tile_k,
+            tile_decls="\n".join(tile_decls), m=f"({numel(x.shape)} / {k}u)", n=n, k=k, norm_sum=norm_sum,
+            scale_a=scale_a, b_coords="            " + b_coords,
+            load_b="load_w(n * K + kb)" if transpose else "load_w(kb * N + n)", stage_up=stage_up,
+            accumulate_up=accumulate_up, norm_finish=norm_finish, row_scale=row_scale, col0=r0,
+            out_stride=out_stride, epilogue="\n".join("                " + line for line in epilogue)))
     if transpose and k % 8 == 0 and shared[0].dtype == "f32":
         kernels = _with_streamed(ctx, kernels, node_id, label, x, windows, w_binding, shared, out or _out(node_id),
                                  epilogue, out_stride, act=act, norm=norm, norm_w=norm_w, eps=eps, softcap=softcap)
