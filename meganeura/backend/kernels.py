@@ -507,9 +507,10 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
 
 
 # Streamed variants (stream.wgsl), by layout: (step sizes, weight rows per block, token rows per block).
-# On a CPU every step streams (its tiled GEMM's barriers are emulated in software); 4x8 blocks keep the
-# accumulators in vector registers. On a GPU steps of a few tokens stream and larger ones use the tiled GEMM.
-STREAMED = {"cpu": [((1, 1), 4, 1), ((2, math.inf), 4, 8)],
+# On a CPU every step streams (its tiled GEMM's barriers are emulated in software); block sizes measured on
+# lavapipe (benches/stream_blocks.py: 6 rows for one token, 4x8 for more). On a GPU steps of a few tokens stream and
+# larger ones use the tiled GEMM.
+STREAMED = {"cpu": [((1, 1), 6, 1), ((2, math.inf), 4, 8)],
             "gpu": [((1, 1), 2, 1), ((2, 8), 2, 4)]}
 STREAM_WG = 64
 
