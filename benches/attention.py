@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 
@@ -16,6 +15,7 @@ import meganeura as mn
 from meganeura import reference as R
 from meganeura.backend import kernels
 from meganeura.graph import S
+from timing import seconds        # benches/timing.py, beside this script
 
 
 def decode_attention(args, keys_per_split: int, q, kc, vc):
@@ -41,27 +41,8 @@ def decode_attention(args, keys_per_split: int, q, kc, vc):
     runner.gpu.queue.write_buffer(runner.states["v_cache"], 0, vc)
     out = prog.run(feed, {})["y"]                             # the step again, over the filled cache
     attention = [(p, b, k.grid(1)) for p, b, k in runner.dispatches
-                 if k.label.startswith("attention") and k.tokens[0] <= 1 <= k.tokens[1]]
+                 if k.label.startswith("attention") and k.runs_for(1)]
     return runner, attention, out
-
-
-def seconds(runner, dispatches, reps: int) -> float:
-    """Wall time of one submit of `reps` rounds of `dispatches`, divided by reps."""
-    u = runner.wgpu.BufferUsage
-    probe = runner.gpu.create_buffer(size=16, usage=u.MAP_READ | u.COPY_DST)
-    enc = runner.gpu.create_command_encoder()
-    cp = enc.begin_compute_pass()
-    for _ in range(reps):
-        for pipe, group, grid in dispatches:
-            cp.set_pipeline(pipe)
-            cp.set_bind_group(0, group)
-            cp.dispatch_workgroups(*grid)
-    cp.end()
-    enc.copy_buffer_to_buffer(runner.slots[0], 0, probe, 0, 16)      # waits for the pass
-    t0 = time.perf_counter()
-    runner.gpu.queue.submit([enc.finish()])
-    probe.map_sync(runner.wgpu.MapMode.READ)
-    return (time.perf_counter() - t0) / reps
 
 
 def main(argv=None) -> int:

@@ -10,13 +10,13 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 import meganeura as mn
 from meganeura.graph import S
 from meganeura.weights import write_safetensors
+from timing import seconds        # benches/timing.py, beside this script
 
 
 def main(argv=None) -> int:
@@ -46,25 +46,7 @@ def main(argv=None) -> int:
         ref = x @ mn.weights.to_f32(mn.weights.bf16_bits(w), "BF16").reshape(n, k).T
         err = float(np.abs(got - ref).max())
 
-        gpu = runner.gpu
-        probe = gpu.create_buffer(size=16, usage=runner.wgpu.BufferUsage.MAP_READ | runner.wgpu.BufferUsage.COPY_DST)
-        best = float("inf")
-        for _ in range(args.runs):
-            enc = gpu.create_command_encoder()
-            cp = enc.begin_compute_pass()
-            for _ in range(args.reps):
-                for pipe, group, grid in gemms:
-                    cp.set_pipeline(pipe)
-                    cp.set_bind_group(0, group)
-                    cp.dispatch_workgroups(*grid)
-            cp.end()
-            enc.copy_buffer_to_buffer(runner.slots[0], 0, probe, 0, 16)      # waits for the pass
-            t0 = time.perf_counter()
-            gpu.queue.submit([enc.finish()])
-            probe.map_sync(runner.wgpu.MapMode.READ)
-            best = min(best, time.perf_counter() - t0)
-            probe.unmap()
-    per = best / args.reps
+        per = min(seconds(runner, gemms, args.reps) for _ in range(args.runs))
     print(f"{runner.dev.name} layout={runner.dev.layout}: [{m} x {k}] x [{n} x {k}]^T bf16, "
           f"{len(gemms)} dispatch(es), {per * 1e3:.2f} ms per GEMM, {2 * m * n * k / per / 1e9:.2f} GFLOP/s, "
           f"max |err| {err:.2e}")

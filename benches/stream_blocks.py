@@ -10,33 +10,21 @@ other work on the machine slows all alike; the fastest of the rounds is printed.
 import json
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 import meganeura as mn
 import meganeura.backend.kernels as kernels
 from meganeura.bench import _random_checkpoint
+from timing import seconds        # benches/timing.py, beside this script
 
 CONFIG = "benches/configs/llama-34m.json"
 
 
 def step_seconds(runner, tokens: int, start: int, reps: int = 3) -> float:
     """One step of `tokens` tokens at `start`, dispatched `reps` times in one pass: seconds per step."""
-    gpu = runner.gpu
-    gpu.queue.write_buffer(runner.step, 0, np.array([tokens, start, 0, 0], np.uint32))
-    enc = gpu.create_command_encoder()
-    cp = enc.begin_compute_pass()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        for pipe, group, grid in runner.encoding(tokens):
-            cp.set_pipeline(pipe)
-            cp.set_bind_group(0, group)
-            cp.dispatch_workgroups(*grid)
-    cp.end()
-    gpu.queue.submit([enc.finish()])
-    gpu.queue.read_buffer(runner.slots[0], 0, 16)          # waits for the work
-    return (time.perf_counter() - t0) / reps
+    runner.gpu.queue.write_buffer(runner.step, 0, np.array([tokens, start, 0, 0], np.uint32))
+    return seconds(runner, runner.encoding(tokens), reps)
 
 
 def main(variants: list[str]):

@@ -45,6 +45,9 @@ class Kernel:
     grid: Callable[[int], tuple[int, int, int]]      # token count -> workgroups
     tokens: tuple[int, float] = (1, math.inf)        # the step sizes this variant runs for (inclusive)
 
+    def runs_for(self, tokens: int) -> bool:
+        return self.tokens[0] <= tokens <= self.tokens[1]
+
 
 class LoweringError(ValueError):
     """A graph cannot be lowered to this device (e.g. a tensor too large for a binding)."""

@@ -77,9 +77,8 @@ class Profiler:
         """Encode the step's dispatches (runner.encoding(tokens)), each in its own timestamped pass, and the
         copy of the timestamps to a mappable buffer; `collect` reads them after the submit."""
         encoding = runner.encoding(tokens)
-        # Every dispatch has its own bind group, so a group names the kernel (and node) it was made for.
         node_of = {id(k): i for i, ks in runner.kernels.items() for k in ks}
-        kernel_of = {id(group): k for _, group, k in runner.dispatches}
+        step_kernels = [k for _, _, k in runner.dispatches if k.runs_for(tokens)]      # encoding's order
         self._buffers(2 * len(encoding))
         for n, (pipe, group, grid) in enumerate(encoding):
             q = 2 * n
@@ -98,8 +97,7 @@ class Profiler:
         if queries:        # every set but the last is full, so the step's queries lie back to back
             enc.copy_buffer_to_buffer(self.resolved, 0, self.readback, 0, queries * 8)
         kernels = []
-        for _, group, grid in encoding:
-            k = kernel_of[id(group)]
+        for k, (_, _, grid) in zip(step_kernels, encoding):
             node = node_of[id(k)]
             kernels.append((node, runner.graph[node].op, k.label, tuple(int(g) for g in grid)))
         self.pending = (kernels, tokens, start_pos, time.perf_counter())

@@ -262,7 +262,7 @@ class WgpuRunner:
         have variants for different step sizes (a GEMV for one token, a GEMM for many). Built once per size."""
         if tokens not in self._encodings:
             self._encodings[tokens] = [(pipe, group, k.grid(tokens)) for pipe, group, k in self.dispatches
-                                       if k.tokens[0] <= tokens <= k.tokens[1]]
+                                       if k.runs_for(tokens)]
         return self._encodings[tokens]
 
     def run(self, fed: dict[str, np.ndarray], tokens: int, weights, outputs=None) -> dict[str, np.ndarray]:
