@@ -140,7 +140,8 @@ def torch_sequence(path: str, prompt, new_tokens: int) -> dict:
     return {**best, "dtype": TORCH_DTYPES[tag]}
 
 
-def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = "wgpu") -> dict:
+def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = "wgpu",
+          quantize: str | None = None) -> dict:
     """One run of every measurement `meganeura bench` reports (see the README's bench section)."""
     if prompt_len < 1:
         raise ValueError(f"--prompt-len must be at least 1, got {prompt_len}")
@@ -153,15 +154,15 @@ def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = 
         _random_checkpoint(path, tmp.name)
         path = tmp.name
     try:
-        return _bench(path, prompt_len, new_tokens, backend)
+        return _bench(path, prompt_len, new_tokens, backend, quantize)
     finally:
         if tmp:
             tmp.cleanup()
 
 
-def _bench(path: str, prompt_len: int, new_tokens: int, backend: str) -> dict:
+def _bench(path: str, prompt_len: int, new_tokens: int, backend: str, quantize: str | None) -> dict:
     context = prompt_len + new_tokens + 1
-    m = load_model(path, backend=backend, context=context, chunk=prompt_len)
+    m = load_model(path, backend=backend, context=context, chunk=prompt_len, quantize=quantize)
     prompt = np.random.default_rng(0).integers(0, m.config.vocab_size, prompt_len)
     decoder = m.decoder                               # optimize, compile, upload (timed in m.times)
     run = _sequence(m, prompt, new_tokens)
@@ -172,7 +173,7 @@ def _bench(path: str, prompt_len: int, new_tokens: int, backend: str) -> dict:
     flops = step_flops(graph, prompt_len, 0)
 
     # The optimizer's worth: the same sequence on the unoptimized graph, timed in this run.
-    plain = load_model(path, backend=backend, optimize=False, context=context, chunk=prompt_len)
+    plain = load_model(path, backend=backend, optimize=False, context=context, chunk=prompt_len, quantize=quantize)
     plain_run = _sequence(plain, prompt, new_tokens)
     plain_runner = plain.decoder._runner
     del plain

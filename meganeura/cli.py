@@ -49,7 +49,8 @@ def cmd_bench(args) -> int:
 
     from .bench import bench, summary
 
-    result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, backend=args.backend)
+    result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, backend=args.backend,
+                   quantize=args.quantize)
     if not args.json:
         print("\n".join(summary(result)))
     print(json.dumps(result))
@@ -101,7 +102,7 @@ def cmd_run(args) -> int:
         model_name = args.model
     _progress(f"loading {model_name}")
     model = Model(resolve(model_name), backend=args.backend, optimize=not args.no_optimize, context=args.context,
-                  keep_egraphs=args.dump_egraph is not None)
+                  keep_egraphs=args.dump_egraph is not None, quantize=args.quantize)
     ids = model.encode_prompt(args.prompt, chat=args.chat)
     if len(ids) > model.cache.context:
         raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {model.cache.context}")
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
     p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--quantize", choices=["q8", "q4"], default=None, help="quantize the weights at load")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("run", help="generate text from a prompt, streamed to stdout")
     p.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face repo id (default: the small "
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--dump-egraph", metavar="DIR", help="write the generating program's e-graphs and report")
     p.add_argument("--no-optimize", action="store_true", help="run the graph as built, without the optimizer")
     p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
+    p.add_argument("--quantize", choices=["q8", "q4"], default=None, help="weights quantized at load: q8 (int8, "
+                   "a scale per row) or q4 (4 bits, a scale per 32); embeddings and the LM head take q8")
     p.add_argument("--stats", action="store_true", help="print load/compile times and token rates to stderr")
     p.add_argument("--profile", metavar="FILE", help="write every kernel's GPU time per step as a Chrome/Perfetto "
                    "trace (JSON; open in ui.perfetto.dev or chrome://tracing)")

@@ -18,6 +18,7 @@ from meganeura.models.cache import KVCache
 from . import generate as gen
 from .graph import Graph
 from .program import compile
+from .quant import check_mode
 from .weights import open_weights, plan
 
 DEFAULT_CHUNK = 256            # prompt tokens per prefill step
@@ -41,9 +42,10 @@ def eos_ids(path: str, cfg) -> list[int]:
 
 class Model:
     def __init__(self, path: str, backend: str = "wgpu", optimize: bool = True, context: int | None = None,
-                 chunk: int | None = None, keep_egraphs: bool = False):
+                 chunk: int | None = None, keep_egraphs: bool = False, quantize: str | None = None):
         t0 = time.perf_counter()
         self.path, self.backend, self.optimize, self.keep_egraphs = path, backend, optimize, keep_egraphs
+        self.quantize = check_mode(quantize)
         self.family, self.config = registry.from_hf(path)
         self.weights = open_weights(path)
         full = Graph()
@@ -59,7 +61,8 @@ class Model:
     # -- the two programs
     def _compile(self, graph: Graph):
         t0 = time.perf_counter()
-        prog = compile(graph, backend=self.backend, optimize=self.optimize, keep=self.keep_egraphs)
+        prog = compile(graph, backend=self.backend, optimize=self.optimize, keep=self.keep_egraphs,
+                       quantize=self.quantize)
         t1 = time.perf_counter()
         other = self._program or self._decoder
         prog.bind(self.weights, share=other)
@@ -177,11 +180,12 @@ class Model:
 
 
 def load_model(path, backend: str = "wgpu", optimize: bool = True, dtype: str = "auto", context: int | None = None,
-               chunk: int | None = None) -> Model:
+               chunk: int | None = None, quantize: str | None = None) -> Model:
     """Load a checkpoint: a local directory, or a Hugging Face repo id (from the local cache, downloaded
     when online). `context` caps the positions a generated sequence may reach (default: the model's
-    limit, shrunk to fit the device); `chunk` is the most prompt tokens one prefill step takes."""
+    limit, shrunk to fit the device); `chunk` is the most prompt tokens one prefill step takes.
+    `quantize` ("q8" or "q4", see meganeura.quant) stores the matrix weights quantized on the device."""
     if dtype != "auto":
         raise ValueError(f"dtype {dtype!r} is not supported: weights keep the checkpoint's dtype (\"auto\")")
     from .hub import resolve
-    return Model(resolve(os.fspath(path)), backend, optimize, context, chunk)
+    return Model(resolve(os.fspath(path)), backend, optimize, context, chunk, quantize=quantize)

@@ -17,7 +17,8 @@ NP_DTYPES = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
 class Program:
     """Runs `graph` on a backend. Weights are bound on first use of a checkpoint and kept."""
 
-    def __init__(self, graph: Graph, backend: str, optimize: bool = True, keep: bool = False):
+    def __init__(self, graph: Graph, backend: str, optimize: bool = True, keep: bool = False,
+                 quantize: str | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         if not graph.outputs:
@@ -109,9 +110,11 @@ class Program:
         return out if outputs is None else {k: v for k, v in out.items() if k in outputs}
 
 
-def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True, keep: bool = False) -> Program:
+def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True, keep: bool = False,
+            quantize: str | None = None) -> Program:
     """Prepare `graph` to run: backend="wgpu" on the GPU (lavapipe where there is none),
     backend="numpy" with the reference executor. optimize=True runs the e-graph optimizer first
     (the same fused graph on both backends); the caller's graph is left as it was. keep=True keeps the
-    e-graphs and egglog programs for `optimize.dump.dump(program.optimized, dir)`."""
-    return Program(graph, backend, optimize, keep)
+    e-graphs and egglog programs for `optimize.dump.dump(program.optimized, dir)`. quantize="q8" | "q4"
+    stores the matrix weights quantized (meganeura.quant); both backends compute with the same values."""
+    return Program(graph, backend, optimize, keep, quantize)
