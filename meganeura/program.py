@@ -6,7 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
-from . import reference
+from . import quant, reference
 from .graph import Graph, INT_DTYPES, S
 from .weights import Checkpoint, from_dict, load_f32, plan
 
@@ -25,6 +25,7 @@ class Program:
             raise ValueError("the graph has no outputs: call graph.set_outputs([...]) first")
         self.source = graph
         self.backend = backend
+        self.quantize = quant.check_mode(quantize)
         self._bound: tuple[object, dict] | None = None
         self._runner = None
         self.optimized = None                   # the optimizer's result (report, kinds) when it ran
@@ -44,7 +45,7 @@ class Program:
         self.graph = graph
         if device is not None:
             from .backend.runtime import WgpuRunner
-            self._runner = WgpuRunner(graph, device)
+            self._runner = WgpuRunner(graph, device, quantize)
 
     def bind(self, weights, share: "Program | None" = None):
         """Check (and for a GPU, upload) the weights now rather than at the first run. With `share`, a
@@ -63,10 +64,18 @@ class Program:
         """float32 values of every parameter, checked against the graph before any math."""
         if self._bound is not None and self._bound[0] is weights:      # holding it keeps its identity unique
             return self._bound[1]
+        planned, matrices = quant.plan(self.graph, self.quantize), quant.matrices(self.graph)
         if isinstance(weights, Checkpoint):
-            values = {name: load_f32(weights, b) for name, b in plan(self.graph, weights).items()}
+            values = {}
+            for name, b in plan(self.graph, weights).items():
+                tags = [weights.tensors[t].dtype for g in b.parts for t in g]
+                fmt = quant.stored_format(tags, planned.get(name), name in matrices, b.shape)
+                value = load_f32(weights, b)
+                kept = len(set(tags)) == 1 and quant.GGUF_BLOCKS.get(tags[0], (None,))[0] == fmt
+                values[name] = value if fmt is None or kept else fmt.roundtrip(value)   # the device's values
         elif isinstance(weights, Mapping):
-            values = from_dict(self.graph, weights)
+            values = {name: planned[name].roundtrip(v) if name in planned else v
+                      for name, v in from_dict(self.graph, weights).items()}
         else:
             raise TypeError("weights must be a Checkpoint (mn.open_weights) or a dict of arrays")
         self._bound = (weights, values)

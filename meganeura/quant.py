@@ -91,9 +91,10 @@ class Format:
         return np.concatenate([q, np.zeros(-q.size % 4, np.uint8), s, np.zeros(-s.size % 4, np.uint8)])
 
 
-FORMATS = {"q8": Format("q8", 8, None), "q4": Format("q4", 4, 32), "q8_0": Format("q8_0", 8, 32)}
+FORMATS = {"q8": Format("q8", 8, None), "q4": Format("q4", 4, 32), "q8_0": Format("q8_0", 8, 32),
+           "q4_0": Format("q4", 4, 32)}
 # GGUF block types kept as they are (as two planes): tag -> (format, bytes per block of 32)
-GGUF_BLOCKS = {"Q8_0": (FORMATS["q8_0"], 34), "Q4_0": (FORMATS["q4"], 18)}
+GGUF_BLOCKS = {"Q8_0": (FORMATS["q8_0"], 34), "Q4_0": (FORMATS["q4_0"], 18)}
 
 
 def from_blocks(raw: np.ndarray, tag: str, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +113,7 @@ def from_blocks(raw: np.ndarray, tag: str, shape) -> tuple[np.ndarray, np.ndarra
 
 def check_mode(mode: str | None) -> str | None:
     if mode is not None and mode not in FORMATS:
-        raise ValueError(f"quantize must be one of {', '.join(MODES)} (or q8_0), got {mode!r}")
+        raise ValueError(f"quantize must be one of {', '.join(MODES)} (or GGUF's q8_0, q4_0), got {mode!r}")
     return mode
 
 
@@ -121,26 +122,53 @@ MATRIX_INPUTS = {("linear", 1), ("matmul", 1), ("moe", 2), ("moe", 3), ("embeddi
 TABLE_FORMAT = "q8"        # embeddings and the LM head under q8 and q4: one scale per row (see README)
 
 
-def plan(graph, mode: str | None) -> dict[str, Format]:
-    """The format of every parameter `mode` quantizes: each matrix whose every reader streams it along its
-    rows (linear, matmul with transpose_b, expert weights, embedding tables). Under q8 and q4 the tables
-    and the LM head take q8 (per row); under q8_0 every matrix takes it."""
-    if check_mode(mode) is None:
-        return {}
-    readers: dict[int, set[tuple[str, int]]] = {}
+def routers(graph) -> set[int]:
+    """MoE router weights: the matrices whose products pick experts (through softmax) in a topk_route.
+    They stay as stored, as llama.cpp keeps them: a rounding error there flips a token's experts."""
+    out, todo = set(), [n.inputs[0] for n in graph.nodes if n.op == "topk_route"]
+    while todo:
+        node = graph[todo.pop()]
+        if node.op in ("softmax", "scale", "reshape"):
+            todo.append(node.inputs[0])
+        elif node.op in ("linear", "matmul"):
+            out.add(node.inputs[1])
+    return out
+
+
+def matrices(graph) -> dict[str, bool]:
+    """Parameters whose every reader streams them along their rows (linear, matmul with transpose_b, expert
+    weights, embedding tables), routers excepted: the ones a quantized format can serve. Name -> whether it
+    is a table (an embedding, or the LM head)."""
+    readers: dict[int, set[str]] = {j: {"other"} for j in routers(graph)}
     for node in graph.nodes:
         for pos, j in enumerate(node.inputs):
             if graph[j].op == "parameter":
                 ok = (node.op, pos) in MATRIX_INPUTS and (node.op != "matmul" or node.attrs["transpose_b"])
-                readers.setdefault(j, set()).add((node.op, pos) if ok else ("other", pos))
+                readers.setdefault(j, set()).add(node.op if ok else "other")
+    return {graph[j].attrs["name"]: "embedding" in ops or graph[j].attrs["name"] == "lm_head.weight"
+            for j, ops in readers.items() if "other" not in ops and len(graph[j].shape) >= 2}
+
+
+def plan(graph, mode: str | None) -> dict[str, Format]:
+    """The format `mode` gives each matrix (see `matrices`) that fits it. Under q8 and q4 the tables take
+    q8 (per row); under q8_0 every matrix takes it."""
+    if check_mode(mode) is None:
+        return {}
+    shapes = {n.attrs["name"]: n.shape for n in graph.nodes if n.op == "parameter"}
     out = {}
-    for j, uses in readers.items():
-        node = graph[j]
-        name = node.attrs["name"]
-        if any(op == "other" for op, _ in uses):
-            continue
-        table = any(op == "embedding" for op, _ in uses) or name == "lm_head.weight"
+    for name, table in matrices(graph).items():
         fmt = FORMATS[TABLE_FORMAT if table and mode in MODES else mode]
-        if fmt.fits(node.shape):
+        if fmt.fits(shapes[name]):
             out[name] = fmt
     return out
+
+
+def stored_format(tags: list[str], planned: Format | None, matrix: bool, shape) -> Format | None:
+    """How a parameter made of checkpoint tensors with dtype `tags` is kept on the device. Tensors already
+    quantized (GGUF Q8_0/Q4_0) keep their blocks when all parts share one type; mixed parts are requantized
+    as q8_0. A parameter not read as a matrix is widened instead; float tensors take `planned`."""
+    blocks = {t for t in tags if t in GGUF_BLOCKS}
+    if not blocks or not matrix:
+        return planned
+    fmt = GGUF_BLOCKS[tags[0]][0] if len(set(tags)) == 1 else FORMATS["q8_0"]
+    return fmt if fmt.fits(shape) else None

@@ -277,6 +277,30 @@ def load_f32(ckpt: Checkpoint, b: Binding) -> np.ndarray:
     return np.stack([np.concatenate([ckpt.f32(n) for n in group], axis=0) for group in b.parts])
 
 
+def load_rows(ckpt: Checkpoint, b: Binding, r0: int, r1: int, raw: bool = False) -> np.ndarray:
+    """Rows r0..r1 (along axis 0) of the parameter, read from the mmap piece by piece: float32, or with
+    `raw` the stored rows as they are (e.g. quantized blocks, which all parts must share)."""
+    def rows(name: str, a: int, z: int) -> np.ndarray:
+        if raw:
+            return ckpt.raw(name)[a:z]
+        tag = ckpt.tensors[name].dtype
+        return to_f32(ckpt.raw(name)[a:z], tag) if tag in FLOAT_TAGS else ckpt.f32(name)[a:z]
+
+    def joined(group, a: int, z: int) -> np.ndarray:
+        out, at = [], 0
+        for name in group:
+            n = ckpt.tensors[name].shape[0]
+            if a < at + n and z > at:
+                out.append(rows(name, max(a, at) - at, min(z, at + n) - at))
+            at += n
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
+
+    if not b.stacked:
+        (group,) = b.parts
+        return joined(group, r0, r1)
+    return np.stack([joined(group, 0, sum(ckpt.tensors[n].shape[0] for n in group)) for group in b.parts[r0:r1]])
+
+
 def from_dict(graph, weights) -> dict[str, np.ndarray]:
     """float32 values of every parameter of `graph` from a dict of arrays, checked before any math.
 

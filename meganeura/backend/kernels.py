@@ -2,7 +2,8 @@
 
 Templates are specialised by string substitution: shapes (the token count S is read from the per-step
 uniform), the stored dtype of every weight (bf16 unpacked with a shift, f16 natively or unpacked,
-f32 as is) and, for weights larger than one storage binding, the row window a dispatch covers.
+f32 as is, q8/q4 dequantized from their two planes, see meganeura/quant.py) and, for weights larger than
+one storage binding, the row window a dispatch covers.
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ class Ref:
 class Binding:
     name: str
     ref: Ref
-    dtype: str            # f32, u32, i32, bf16, f16
+    dtype: str            # f32, u32, i32, bf16, f16, q8, q4
     write: bool = False
     packs: bool = False   # read as packs of 8 elements (`pack_<name>(i)`: elements 8i..8i+7), see stream.wgsl
+    group: int = 0        # q8/q4: elements per scale
+    scales_at: int = 0    # q8/q4: the word where the scale plane begins
 
 
 @dataclass
@@ -102,6 +105,9 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
         out.insert(0, "enable f16;")
     for slot, b in enumerate(bindings, start=1):
         access = "read_write" if b.write else "read"
+        if b.dtype in QUANTIZED:
+            out += _declare_quantized(slot, b)
+            continue
         if b.packs:
             out += _declare_packs(slot, b)
             continue
@@ -117,7 +123,8 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
             # bf16 is the top half of an f32: shift it into place (exact).
             "bf16": f"let w = {b.name}[i >> 1u]; "
                     f"return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));",
-            "f16": f"return f32({b.name}[i]);" if has_f16 else f"return unpack2x16float({b.name}[i >> 1u])[i & 1u];",
+            "f16": f"return f32({b.name}[i]);" if has_f16 else
+                   f"let v = unpack2x16float({b.name}[i >> 1u]); return select(v.x, v.y, (i & 1u) == 1u);",
         }[b.dtype]
         out.append(f"fn load_{b.name}(i: u32) -> f32 {{ {body} }}")
     return "\n".join(out)
@@ -139,6 +146,33 @@ def _declare_packs(slot: int, b: Binding) -> list[str]:
         raise ValueError(f"no packed loads for {b.dtype}")
     return [f"@group(0) @binding({slot}) var<storage, read> {name}: array<vec4<u32>>;",
             f"fn pack_{name}(i: u32) -> Pack {{ let q = {name}[i]; return {unpack}; }}"]
+
+
+QUANTIZED = ("q8", "q4")
+
+
+def _declare_quantized(slot: int, b: Binding) -> list[str]:
+    """A quantized weight's words (quant plane, then f16 scales at word `scales_at`), its scale per group,
+    and `load_<name>(i)` or, for packs, `pack_<name>(i)` (a group holds whole packs: 8 | group)."""
+    name, g = b.name, b.group
+    out = [f"@group(0) @binding({slot}) var<storage, read> {name}: array<u32>;",
+           f"fn scale_{name}(g: u32) -> f32 {{ let v = unpack2x16float({name}[{b.scales_at}u + (g >> 1u)]); "
+           f"return select(v.x, v.y, (g & 1u) == 1u); }}"]
+    if b.dtype == "q8":
+        # A byte shifted to the top of the word, then arithmetically back down: its sign extended.
+        load = f"f32(bitcast<i32>({name}[i >> 2u] << (24u - 8u * (i & 3u))) >> 24u)"
+        word4 = ("(vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u)) "
+                 "* s)")
+        pack = (f"let s = scale_{name}(i / {g // 8}u); var q = {name}[2u * i]; let lo = {word4}; "
+                f"q = {name}[2u * i + 1u]; return Pack(lo, {word4});")
+    else:
+        load = f"(f32(({name}[i >> 3u] >> (4u * (i & 7u))) & 15u) - 8.0)"
+        nibbles = "((vec4<f32>((vec4<u32>(q) >> vec4<u32>({})) & vec4<u32>(15u)) - 8.0) * s)"
+        pack = (f"let s = scale_{name}(i / {g // 8}u); let q = {name}[i]; "
+                f"return Pack({nibbles.format('0u, 4u, 8u, 12u')}, {nibbles.format('16u, 20u, 24u, 28u')});")
+    out.append(f"fn pack_{name}(i: u32) -> Pack {{ {pack} }}" if b.packs else
+               f"fn load_{name}(i: u32) -> f32 {{ return {load} * scale_{name}(i / {g}u); }}")
+    return out
 
 
 TANH = "fn tanh_(x: f32) -> f32 { let e = exp(-2.0 * abs(x)); return sign(x) * (1.0 - e) / (1.0 + e); }"
@@ -163,9 +197,15 @@ class Context:
     has_f16: bool
     has_subgroups: bool
     layout: str                                          # "cpu" or "gpu" (Device.layout)
-    param_dtype: Callable[[str], str]                    # parameter name -> f32 / bf16 / f16
+    param_dtype: Callable[[str], str]                    # parameter name -> f32 / bf16 / f16 / q8 / q4
     param_windows: Callable[[str], list[tuple[int, int]]]  # parameter name -> row windows
     rope_key: Callable[[Node], int]
+    param_quant: Callable[[str, int], tuple[int, int]] = lambda name, window: (0, 0)   # -> (group, scales_at)
+
+    def weight(self, name: str, pname: str, window: int = 0) -> Binding:
+        """Binding `name` for window `window` of parameter `pname`."""
+        group, scales_at = self.param_quant(pname, window)
+        return Binding(name, Ref("param", pname, window), self.param_dtype(pname), group=group, scales_at=scales_at)
 
     def value(self, node_id: int, name: str) -> Binding:
         """Binding for an op input: a weight (whole; windowed ones are handled by their consumer) or an
@@ -176,7 +216,7 @@ class Context:
             if len(self.param_windows(pname)) > 1:
                 raise LoweringError(f"weight {pname} {list(node.shape)} is larger than one storage binding and "
                                     f"its consumer cannot split it into windows")
-            return Binding(name, Ref("param", pname), self.param_dtype(pname))
+            return self.weight(name, pname)
         if node.op == "input":
             return Binding(name, Ref("node", node_id), "u32" if node.dtype in ("u32", "i32") else "f32")
         return Binding(name, Ref("node", node_id), "f32")
@@ -450,7 +490,7 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
                 raise LoweringError(f"weight {pname} is larger than one storage binding; only [out, in] weights "
                                     f"(transpose_b) can be split into windows")
             windows = ctx.param_windows(pname)
-        w_binding = lambda i: Binding("w", Ref("param", pname, i), ctx.param_dtype(pname))
+        w_binding = lambda i: ctx.weight("w", pname, i)
     assert act is None or len(windows) == 1, "a gated GEMM needs its gate and up rows in one window"
 
     tile_m, tile_n, tile_k = GEMM_TILE
@@ -523,7 +563,7 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
                    ) -> list[Kernel]:
     """The tiled kernels restricted to the step sizes no streamed variant covers, plus the streamed ones."""
     variants = STREAMED[ctx.layout]
-    if any(w_binding(i).dtype not in ("f32", "bf16", "f16") for i in range(len(windows))):
+    if any(w_binding(i).dtype not in ("f32", "bf16", "f16", *QUANTIZED) for i in range(len(windows))):
         return tiled
     k = x.shape[-1]
     largest = max(hi for (_, hi), _, _ in variants)
@@ -650,7 +690,7 @@ def _embedding(ctx, node_id, node: Node) -> list[Kernel]:
     ids = Binding("ids", Ref("node", node.inputs[1]), "u32")
     kernels = []
     for i, (r0, r1) in enumerate(ctx.param_windows(pname)):
-        bindings = [ids, Binding("table", Ref("param", pname, i), ctx.param_dtype(pname)), _out(node_id)]
+        bindings = [ids, ctx.weight("table", pname, i), _out(node_id)]
         kernels.append(_kernel(ctx, "embedding", "gather", bindings,
                                lambda s: grid_1d(numel_at(node.shape, s)),
                                rows=numel(node.shape[:-1]), width=width, row0=r0, row1=r1))
@@ -834,7 +874,7 @@ def _moe(ctx, node_id, node: Node) -> list[Kernel]:
             return [ctx.value(node.inputs[j], name)], [(0, e)]
         pname = w.attrs["name"]
         wins = ctx.param_windows(pname)
-        return [Binding(name, Ref("param", pname, i), ctx.param_dtype(pname)) for i in range(len(wins))], wins
+        return [ctx.weight(name, pname, i) for i in range(len(wins))], wins
 
     kernels = []
     gate_up_b, gate_up_w = weight(2, "gate_up")

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import reference
+from .. import quant, reference
 from ..graph import Graph, Node
-from ..weights import Binding as WeightBinding, Checkpoint, from_dict, load_f32, plan as plan_weights
+from ..weights import Binding as WeightBinding, Checkpoint, from_dict, load_f32, load_rows, plan as plan_weights
 from .device import Device, open_device
 from .kernels import Context, Kernel, Ref, lower, numel_at
 from .plan import ArenaPlan, base_of, padded, plan_arena
@@ -22,9 +22,12 @@ CHUNK = 32 << 20          # upload granularity: bounds the host memory an upload
 
 @dataclass
 class WeightBuffers:
-    dtype: str                              # f32 / bf16 / f16 as stored on the GPU
+    dtype: str                              # f32 / bf16 / f16 / q8 / q4 as stored on the GPU
     windows: list[tuple[int, int]]          # row ranges along axis 0, one buffer each
     buffers: list
+    fmt: quant.Format | None = None         # q8/q4: the format, elements per scale, and each window's
+    group: int = 0                          # scale-plane word
+    scales_at: tuple[int, ...] = ()
 
 
 class _Progress:
@@ -75,11 +78,12 @@ class _Stream:
 
 
 class WgpuRunner:
-    def __init__(self, graph: Graph, device: Device | None = None):
+    def __init__(self, graph: Graph, device: Device | None = None, quantize: str | None = None):
         import wgpu
 
         self.wgpu = wgpu
         self.graph = graph
+        self.quantize = quantize
         self.dev = device or open_device()
         self.gpu = self.dev.wgpu_device
         self.weights = None
@@ -98,32 +102,45 @@ class WgpuRunner:
         """Upload the graph's weights; tensors `lender` (bound to the same weights) already holds are shared."""
         if self.weights is weights:               # holding it keeps its identity unique
             return
+        planned, matrices = quant.plan(self.graph, self.quantize), quant.matrices(self.graph)
         if isinstance(weights, Checkpoint):
             bindings = plan_weights(self.graph, weights)
+            formats = {n: quant.stored_format([weights.tensors[t].dtype for g in b.parts for t in g],
+                                              planned.get(n), n in matrices, b.shape)
+                       for n, b in bindings.items()}
             if lender is not None and lender.weights is weights and lender.dev is self.dev:
-                shared = {n: lender.params[n] for n in bindings if n in lender.params}
+                shared = {n: lender.params[n] for n in bindings
+                          if n in lender.params and lender.params[n].fmt == formats[n]}
                 bindings = {n: b for n, b in bindings.items() if n not in shared}
             else:
                 shared = {}
             total = sum(weights.tensors[n].end - weights.tensors[n].begin
                         for b in bindings.values() for g in b.parts for n in g)
             progress = _Progress(total, "uploading weights")
-            self.params = {name: self._upload_checkpoint(weights, b, progress) for name, b in bindings.items()}
+            self.params = {name: self._upload_checkpoint(weights, b, formats[name], progress)
+                           for name, b in bindings.items()}
             self.params.update(shared)
             progress.close()
         else:
-            self.params = {name: self._upload_array(arr) for name, arr in from_dict(self.graph, weights).items()}
+            self.params = {name: self._upload_array(arr, planned.get(name))
+                           for name, arr in from_dict(self.graph, weights).items()}
         self.weights = weights
         self._lower()
 
-    def _windows(self, shape, itemsize: int) -> list[tuple[int, int]]:
+    def _windows(self, shape, itemsize: float, fmt: quant.Format | None = None) -> list[tuple[int, int]]:
+        """Row ranges of a weight, each within one storage binding (a quantized window's two planes each
+        end on a word: 8 bytes of slack)."""
         rows = shape[0] if shape else 1
         row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-        row_bytes = row_elems * itemsize
-        per = max(1, self.dev.max_binding // max(1, row_bytes))
-        if itemsize == 2 and row_elems % 2 and per > 1:
+        if fmt is not None:
+            row_bytes = fmt.nbytes((1, *shape[1:])) - 4       # its quants and scales, without the padding
+            room = self.dev.max_binding - 8
+        else:
+            row_bytes, room = row_elems * itemsize, self.dev.max_binding
+        per = max(1, room // max(1, row_bytes))
+        if fmt is None and itemsize == 2 and row_elems % 2 and per > 1:
             per -= per % 2                  # keep every window 4-byte aligned
-        if row_bytes > self.dev.max_binding:
+        if row_bytes > room:
             raise ValueError(f"one row of a {list(shape)} weight ({row_bytes} bytes) exceeds the device's "
                              f"storage binding limit of {self.dev.max_binding} bytes")
         return [(r, min(rows, r + per)) for r in range(0, rows, per)] or [(0, rows)]
@@ -142,9 +159,11 @@ class WgpuRunner:
             if progress:
                 progress.add(piece.size)
 
-    def _upload_array(self, arr: np.ndarray) -> WeightBuffers:
+    def _upload_array(self, arr: np.ndarray, fmt: quant.Format | None = None) -> WeightBuffers:
         shape = arr.shape if arr.ndim else (1,)
         arr = np.ascontiguousarray(arr.reshape(shape))
+        if fmt is not None:
+            return self._upload_quantized(shape, fmt, lambda r0, r1: fmt.quantize(arr[r0:r1]))
         windows = self._windows(shape, 4)
         bufs = []
         for r0, r1 in windows:
@@ -153,8 +172,30 @@ class WgpuRunner:
             bufs.append(buf)
         return WeightBuffers("f32", windows, bufs)
 
-    def _upload_checkpoint(self, ckpt: Checkpoint, b: WeightBinding, progress) -> WeightBuffers:
+    def _upload_quantized(self, shape, fmt: quant.Format, planes, progress=None) -> WeightBuffers:
+        """One buffer per window of rows: `planes(r0, r1)` gives those rows' (quants, scales)."""
+        windows = self._windows(shape, 0, fmt)
+        bufs, scales_at = [], []
+        for r0, r1 in windows:
+            data = fmt.device_bytes(*planes(r0, r1))
+            buf = self._new_buffer(data.size)
+            self._write(buf, 0, data, progress)
+            bufs.append(buf)
+            scales_at.append(fmt.scales_at((r1 - r0, *shape[1:])))
+        return WeightBuffers(f"q{fmt.bits}", windows, bufs, fmt, fmt.group_of(shape[-1]), tuple(scales_at))
+
+    def _upload_checkpoint(self, ckpt: Checkpoint, b: WeightBinding, fmt: quant.Format | None,
+                           progress) -> WeightBuffers:
         tags = {ckpt.tensors[n].dtype for g in b.parts for n in g}
+        if fmt is not None:
+            if len(tags) == 1 and quant.GGUF_BLOCKS.get(next(iter(tags)), (None,))[0] == fmt:
+                # Blocks stored in this format: rows regrouped into planes, never widened.
+                tag = next(iter(tags))
+                planes = lambda r0, r1: quant.from_blocks(load_rows(ckpt, b, r0, r1, raw=True), tag,
+                                                          (r1 - r0, *b.shape[1:]))
+            else:
+                planes = lambda r0, r1: fmt.quantize(load_rows(ckpt, b, r0, r1))
+            return self._upload_quantized(b.shape, fmt, planes, progress)
         if len(tags) != 1 or next(iter(tags)) not in STORED:
             # Mixed or unusual dtypes (e.g. F64) are widened to f32 on the host once.
             return self._upload_array(load_f32(ckpt, b))
@@ -192,7 +233,9 @@ class WgpuRunner:
 
     def _lower(self):
         ctx = Context(self.graph, self.dev.has_f16, self.dev.has_subgroups, self.dev.layout,
-                      lambda n: self.params[n].dtype, lambda n: self.params[n].windows, self._rope_key)
+                      lambda n: self.params[n].dtype, lambda n: self.params[n].windows, self._rope_key,
+                      lambda n, w: (self.params[n].group, self.params[n].scales_at[w]) if self.params[n].fmt
+                      else (0, 0))
         self.kernels = {i: lower(ctx, i) for i in range(len(self.graph))}
         self.arena = None
 
