@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from . import quant
 from .hub import resolve
 from .model import load_model
 from .roofline import decode_bytes, step_flops
@@ -168,8 +169,10 @@ def _bench(path: str, prompt_len: int, new_tokens: int, backend: str, quantize: 
     run = _sequence(m, prompt, new_tokens)
     graph, runner = decoder.graph, decoder._runner
     # The decode steps run at positions prompt_len .. prompt_len + new_tokens - 1: their mean bytes.
-    bytes_step = round(sum(decode_bytes(graph, m.weights, p) for p in range(prompt_len, prompt_len + new_tokens))
-                       / new_tokens)
+    formats = ({n: w.fmt for n, w in runner.params.items() if w.fmt} if runner is not None
+               else quant.plan(graph, quantize))
+    bytes_step = round(sum(decode_bytes(graph, m.weights, p, formats)
+                           for p in range(prompt_len, prompt_len + new_tokens)) / new_tokens)
     flops = step_flops(graph, prompt_len, 0)
 
     # The optimizer's worth: the same sequence on the unoptimized graph, timed in this run.
@@ -191,7 +194,7 @@ def _bench(path: str, prompt_len: int, new_tokens: int, backend: str, quantize: 
     peak = _sig(max(gflops.values())) if gflops else None
     return {
         "model": m.config.model_type, "layers": m.config.num_hidden_layers, "hidden": m.config.hidden_size,
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "backend": backend,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "backend": backend, "quantize": quantize,
         "device": runner.dev.name if runner else "numpy",
         "load_s": _sig(m.times["load_s"]), "compile_s": _sig(m.times["compile_s"]),
         "optimize_s": _sig(decoder.optimize_s),

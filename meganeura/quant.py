@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MODES = ("q8", "q4")                 # what `quantize=` / `--quantize` accept (q8_0 too: GGUF's Q8_0 layout)
+MODES = ("q8", "q4")      # what `--quantize` offers; `quantize=` takes q8_0 and q4_0 too (GGUF's pure block types)
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,10 @@ def check_mode(mode: str | None) -> str | None:
 # How each op reads a weight input: (op, input index) pairs whose weight is a [rows, K] matrix read along K.
 MATRIX_INPUTS = {("linear", 1), ("matmul", 1), ("moe", 2), ("moe", 3), ("embedding", 0)}
 TABLE_FORMAT = "q8"        # embeddings and the LM head under q8 and q4: one scale per row (see README)
+# Under q4 the attention's input projections take q8 too: their rounding error reaches the scores, which the
+# softmax exponentiates (on the tiny test models it costs q4 0.01 of logit cosine; llama.cpp's q4 mixes
+# likewise keep attn_v wider). Matched by name: every family names them so, packed or not.
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 
 
 def routers(graph) -> set[int]:
@@ -151,13 +155,15 @@ def matrices(graph) -> dict[str, bool]:
 
 def plan(graph, mode: str | None) -> dict[str, Format]:
     """The format `mode` gives each matrix (see `matrices`) that fits it. Under q8 and q4 the tables take
-    q8 (per row); under q8_0 every matrix takes it."""
+    q8 (per row), and under q4 the attention's q/k/v projections too; under q8_0 and q4_0 (GGUF's blocks)
+    every matrix takes the mode's format."""
     if check_mode(mode) is None:
         return {}
     shapes = {n.attrs["name"]: n.shape for n in graph.nodes if n.op == "parameter"}
     out = {}
     for name, table in matrices(graph).items():
-        fmt = FORMATS[TABLE_FORMAT if table and mode in MODES else mode]
+        wider = table or (mode == "q4" and any(p in name for p in ATTENTION_INPUTS))
+        fmt = FORMATS[TABLE_FORMAT if wider and mode in MODES else mode]
         if fmt.fits(shapes[name]):
             out[name] = fmt
     return out

@@ -45,8 +45,9 @@ def _attention_shape(graph: Graph, node) -> tuple[int, int, bool]:
     return q.shape[1], q.shape[2], len(node.inputs) == 4
 
 
-def decode_bytes(graph: Graph, weights: Checkpoint, position: float) -> int:
-    """Bytes one decode step (one token, at `position`) of `graph` must read at least, at stored sizes:
+def decode_bytes(graph: Graph, weights: Checkpoint, position: float, formats: dict | None = None) -> int:
+    """Bytes one decode step (one token, at `position`) of `graph` must read at least, at stored sizes
+    (a parameter in `formats`, name -> quant.Format, at its quantized size):
 
     - every weight a node reads (matrix weights, norm weights, biases, scalars), in full, once however many
       nodes read it: parameters are resolved to the checkpoint tensors they are stored as, so a tied LM head
@@ -59,8 +60,10 @@ def decode_bytes(graph: Graph, weights: Checkpoint, position: float) -> int:
 
     Activations are not counted: at one token they are a few rows, next to megabytes of weights. `position`
     may be fractional (a mean over steps); the cache part then lies between those of the positions around it."""
+    formats = formats or {}
     parts = {name: {t for group in b.parts for t in group} for name, b in plan(graph, weights).items()}
-    size = {t: weights.tensors[t].end - weights.tensors[t].begin for ts in parts.values() for t in ts}
+    size = {t: formats[name].nbytes(weights.tensors[t].shape) if name in formats
+            else weights.tensors[t].end - weights.tensors[t].begin for name, ts in parts.items() for t in ts}
     read: dict[str, float] = {}              # stored tensor -> the fraction of it the step reads
 
     def reads(param: int, fraction: float = 1.0):

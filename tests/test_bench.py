@@ -21,14 +21,14 @@ LAYERS, HIDDEN, MLP, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 2, 64, 128, 128, 4, 2, 1
 BF16 = 2
 
 
-def _model(tmp_path, optimize=True, **over):
+def _model(tmp_path, optimize=True, quantize=None, **over):
     cfg = dict(TINY, **over)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     ckpt = tmp_path / "ckpt"
     if not ckpt.exists():
         ckpt.mkdir()
         _random_checkpoint(str(tmp_path / "config.json"), str(ckpt))
-    return Model(str(ckpt), backend="numpy", optimize=optimize, context=40, chunk=16)
+    return Model(str(ckpt), backend="numpy", optimize=optimize, context=40, chunk=16, quantize=quantize)
 
 
 def _layer_weights() -> int:
@@ -60,6 +60,25 @@ def test_decode_bytes_by_hand_untied_and_sliding(tmp_path):
     for position in (0, 2, 3, 20):
         keys = min(position + 1, 4)                          # a sliding layer reads its window only
         assert decode_bytes(m.decoder.graph, m.weights, position) == weights + _kv_bytes(keys)
+
+
+@pytest.mark.parametrize("mode", ["q8", "q4"])
+def test_decode_bytes_by_hand_quantized(tmp_path, mode):
+    from meganeura import quant
+
+    m = _model(tmp_path, quantize=None)
+    graph = m.decoder.graph
+    formats = quant.plan(graph, mode)
+    # Per tensor: int8 or two 4-bit values a byte, plus an f16 scale per row (q8) or per 32 (q4); the tied
+    # table (and LM head) is q8 under both, the norms stay bf16.
+    def size(rows, k, fmt):
+        return rows * k * (1 if fmt == "q8" else 0.5) + 2 * rows * (1 if fmt == "q8" else k // 32)
+    # q, k, v take q8 under q4 too (quant.ATTENTION_INPUTS).
+    layer = (size(HEADS * HEAD_DIM, HIDDEN, "q8") + size(HIDDEN, HEADS * HEAD_DIM, mode)
+             + size(KV_HEADS * HEAD_DIM, HIDDEN, "q8") * 2
+             + size(MLP, HIDDEN, mode) * 2 + size(HIDDEN, MLP, mode) + 2 * HIDDEN * BF16)
+    weights = LAYERS * layer + size(VOCAB, HIDDEN, "q8") + HIDDEN * BF16
+    assert decode_bytes(graph, m.weights, 5, formats) == weights + _kv_bytes(6)
 
 
 def _linear_flops(tokens: int) -> int:

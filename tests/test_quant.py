@@ -57,7 +57,8 @@ def test_which_parameters_a_mode_quantizes(hf_checkpoint):
     assert "model.embed_tokens.weight" in names and plan["model.embed_tokens.weight"].name == "q8"
     assert plan["lm_head.weight"].name == "q8"
     assert any("experts.gate_up_proj" in n for n in names) and any("o_proj" in n for n in names)
-    assert all(plan[n].name == "q4" for n in names if "layers" in n)
+    assert all(plan[n].name == ("q8" if "q_proj" in n else "q4") for n in names if "layers" in n)
+    assert {f.name for f in quant.plan(graph, "q4_0").values()} == {"q4"}      # GGUF's Q4_0: every matrix
     assert not any("norm" in n for n in names)                      # vectors stay as stored
     assert not any(n.endswith("mlp.gate.weight") for n in names)    # routers too (see quant.routers)
     assert quant.plan(graph, None) == {}
