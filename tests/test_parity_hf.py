@@ -71,6 +71,25 @@ def test_small_binding_limit_gives_same_logits(case, limit, hf_checkpoint, token
     np.testing.assert_allclose(model.logits(token_ids), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantize", [None, "q8"])
+def test_split_tied_embedding_matches_reference(quantize, hf_checkpoint, token_ids, monkeypatch):
+    """A tied embedding split into row windows serves the gather and the LM head from one set of buffers,
+    in the full forward and in the generating program (last-token head), as the reference computes."""
+    path, _ = hf_checkpoint("llama32")                        # tied: no lm_head.weight in the file
+    ref = mn.load_model(path, backend="numpy", context=64, chunk=8, quantize=quantize)
+    monkeypatch.setenv("MEGANEURA_MAX_BINDING", "4096")      # the 128x64 table: 32 KiB f32, 8.3 KiB q8
+    model = mn.load_model(path, backend="wgpu", context=64, chunk=8, quantize=quantize)
+    want = ref.logits(token_ids)
+    np.testing.assert_allclose(model.logits(token_ids), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    params = model.program._runner.params
+    assert len(params["model.embed_tokens.weight"].windows) >= 3
+    assert params["lm_head.weight"] is params["model.embed_tokens.weight"]
+    sessions = [model.session(), ref.session()]
+    got, want = (s.feed(token_ids, "logits") for s in sessions)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert model.decoder._runner.params["lm_head.weight"] is params["model.embed_tokens.weight"]
+
+
 def test_sharded_checkpoint_loads_like_unsharded(hf_checkpoint, token_ids):
     one, _ = hf_checkpoint("qwen3_moe")
     many, _ = hf_checkpoint("qwen3_moe", shard="20KB")

@@ -1,4 +1,5 @@
-"""Buffer planning: which arena slot holds each activation, by liveness, for a given token capacity.
+"""Buffer planning: which arena slot holds each activation, by liveness, for a given token capacity;
+and the row windows a weight is split into, one buffer each, so each fits one storage binding.
 
 Reshapes are views (they share their source's slot); a cache write's value is its state, which lives
 outside the arena (states persist across steps). A slot is reused by a later value once every
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from .. import quant
 from ..graph import Graph
 from .kernels import Kernel, numel_at
 
@@ -23,6 +27,26 @@ def base_of(graph: Graph, node_id: int) -> int:
 def padded(nbytes: int) -> int:
     """Buffer and copy sizes: a multiple of 16 bytes, never zero."""
     return max(16, -(-nbytes // 16) * 16)
+
+
+def weight_windows(shape, itemsize: float, max_binding: int, fmt: quant.Format | None = None) -> list[tuple[int, int]]:
+    """Row ranges of a weight (along axis 0), each within one storage binding of `max_binding` bytes;
+    `itemsize` is the stored element size, or `fmt` its quantized format (a quantized window's two planes
+    each end on a word: 8 bytes of slack). A row larger than a binding is a ValueError."""
+    rows = shape[0] if shape else 1
+    row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    if fmt is not None:
+        row_bytes = fmt.nbytes((1, *shape[1:])) - 4       # its quants and scales, without the padding
+        room = max_binding - 8
+    else:
+        row_bytes, room = row_elems * itemsize, max_binding
+    per = max(1, room // max(1, row_bytes))
+    if fmt is None and itemsize == 2 and row_elems % 2 and per > 1:
+        per -= per % 2                  # keep every window 4-byte aligned
+    if row_bytes > room:
+        raise ValueError(f"one row of a {list(shape)} weight ({row_bytes} bytes) exceeds the device's "
+                         f"storage binding limit of {max_binding} bytes")
+    return [(r, min(rows, r + per)) for r in range(0, rows, per)] or [(0, rows)]
 
 
 def value_bytes(graph: Graph, node_id: int, tokens: int) -> int:

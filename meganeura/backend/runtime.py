@@ -14,7 +14,7 @@ from ..graph import Graph, Node
 from ..weights import Binding as WeightBinding, Checkpoint, from_dict, load_f32, load_rows, plan as plan_weights
 from .device import Device, open_device
 from .kernels import Context, Kernel, Ref, lower, numel_at
-from .plan import ArenaPlan, base_of, padded, plan_arena
+from .plan import ArenaPlan, base_of, padded, plan_arena, weight_windows
 
 STORED = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 CHUNK = 32 << 20          # upload granularity: bounds the host memory an upload needs beyond the mmap
@@ -108,6 +108,12 @@ class WgpuRunner:
             formats = {n: quant.stored_format([weights.tensors[t].dtype for g in b.parts for t in g],
                                               planned.get(n), n in matrices, b.shape)
                        for n, b in bindings.items()}
+            # A tied LM head names the embedding's tensor: one upload serves both names.
+            first, aliases = {}, {}
+            for n, b in bindings.items():
+                key = (b.parts, b.stacked, b.shape, formats[n])
+                aliases[n] = first.setdefault(key, n)
+            bindings = {n: b for n, b in bindings.items() if aliases[n] == n}
             if lender is not None and lender.weights is weights and lender.dev is self.dev:
                 shared = {n: lender.params[n] for n in bindings
                           if n in lender.params and lender.params[n].fmt == formats[n]}
@@ -120,30 +126,13 @@ class WgpuRunner:
             self.params = {name: self._upload_checkpoint(weights, b, formats[name], progress)
                            for name, b in bindings.items()}
             self.params.update(shared)
+            self.params.update({n: self.params[a] for n, a in aliases.items() if a != n})
             progress.close()
         else:
             self.params = {name: self._upload_array(arr, planned.get(name))
                            for name, arr in from_dict(self.graph, weights).items()}
         self.weights = weights
         self._lower()
-
-    def _windows(self, shape, itemsize: float, fmt: quant.Format | None = None) -> list[tuple[int, int]]:
-        """Row ranges of a weight, each within one storage binding (a quantized window's two planes each
-        end on a word: 8 bytes of slack)."""
-        rows = shape[0] if shape else 1
-        row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-        if fmt is not None:
-            row_bytes = fmt.nbytes((1, *shape[1:])) - 4       # its quants and scales, without the padding
-            room = self.dev.max_binding - 8
-        else:
-            row_bytes, room = row_elems * itemsize, self.dev.max_binding
-        per = max(1, room // max(1, row_bytes))
-        if fmt is None and itemsize == 2 and row_elems % 2 and per > 1:
-            per -= per % 2                  # keep every window 4-byte aligned
-        if row_bytes > room:
-            raise ValueError(f"one row of a {list(shape)} weight ({row_bytes} bytes) exceeds the device's "
-                             f"storage binding limit of {self.dev.max_binding} bytes")
-        return [(r, min(rows, r + per)) for r in range(0, rows, per)] or [(0, rows)]
 
     def _new_buffer(self, nbytes: int):
         u = self.wgpu.BufferUsage
@@ -164,7 +153,7 @@ class WgpuRunner:
         arr = np.ascontiguousarray(arr.reshape(shape))
         if fmt is not None:
             return self._upload_quantized(shape, fmt, lambda r0, r1: fmt.quantize(arr[r0:r1]))
-        windows = self._windows(shape, 4)
+        windows = weight_windows(shape, 4, self.dev.max_binding)
         bufs = []
         for r0, r1 in windows:
             buf = self._new_buffer(arr[r0:r1].nbytes)
@@ -174,7 +163,7 @@ class WgpuRunner:
 
     def _upload_quantized(self, shape, fmt: quant.Format, planes, progress=None) -> WeightBuffers:
         """One buffer per window of rows: `planes(r0, r1)` gives those rows' (quants, scales)."""
-        windows = self._windows(shape, 0, fmt)
+        windows = weight_windows(shape, 0, self.dev.max_binding, fmt)
         bufs, scales_at = [], []
         for r0, r1 in windows:
             data = fmt.device_bytes(*planes(r0, r1))
@@ -202,7 +191,7 @@ class WgpuRunner:
         tag = next(iter(tags))
         dtype, itemsize = STORED[tag], (4 if tag == "F32" else 2)
         shape = b.shape if b.shape else (1,)
-        windows = self._windows(shape, itemsize)
+        windows = weight_windows(shape, itemsize, self.dev.max_binding)
         row_bytes = (int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1) * itemsize
         # The weight is the byte stream of its parts in order (stacked: each row's group, packed: the one
         # group, else the one tensor); each window gets the slice [r0 * row_bytes, r1 * row_bytes) of it,
