@@ -7,6 +7,7 @@ import os
 import sys
 
 from .graph import Graph
+from .quant import check_mode
 
 
 def cmd_graph(args) -> int:
@@ -76,6 +77,7 @@ def _check_run_args(args) -> None:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.context is not None and args.context < 1:
         raise ValueError(f"--context must be at least 1, got {args.context}")
+    check_mode(args.quantize)
     if args.dump_egraph and args.no_optimize:
         raise ValueError("--dump-egraph needs the optimizer; drop --no-optimize")
     if args.profile is not None:
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
     p.add_argument("--json", action="store_true", help="print only the JSON line")
-    p.add_argument("--quantize", choices=["q8", "q4"], default=None, help="quantize the weights at load")
+    p.add_argument("--quantize", default=None, help="quantize the weights at load: q8 or q4")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("run", help="generate text from a prompt, streamed to stdout")
     p.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face repo id (default: the small "
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--dump-egraph", metavar="DIR", help="write the generating program's e-graphs and report")
     p.add_argument("--no-optimize", action="store_true", help="run the graph as built, without the optimizer")
     p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
-    p.add_argument("--quantize", choices=["q8", "q4"], default=None, help="weights quantized at load: q8 (int8, "
+    p.add_argument("--quantize", default=None, help="weights quantized at load: q8 (int8, "
                    "a scale per row) or q4 (4 bits, a scale per 32); embeddings and the LM head take q8")
     p.add_argument("--stats", action="store_true", help="print load/compile times and token rates to stderr")
     p.add_argument("--profile", metavar="FILE", help="write every kernel's GPU time per step as a Chrome/Perfetto "

@@ -92,6 +92,16 @@ def test_chat_applies_the_template(env, model_dir, reference):
     assert r.stdout == expected + "\n"
 
 
+@pytest.mark.parametrize("mode", ["q8", "q4"])
+def test_quantized_run_streams_what_the_reference_computes_with_the_same_weights(env, model_dir, mode):
+    import meganeura as mn
+
+    expected = "".join(mn.load_model(model_dir[0], backend="numpy", quantize=mode).generate(PROMPT, max_new_tokens=N))
+    r = run(env, model_dir[0], "--prompt", PROMPT, "--max-new-tokens", str(N), "--quantize", mode)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+
+
 def test_seeded_sampling_repeats(env, model_dir, reference):
     args = (model_dir[0], "--prompt", PROMPT, "--max-new-tokens", str(N), "--temperature", "0.9", "--top-k", "40",
             "--top-p", "0.95", "--seed", "7", "--backend", "numpy")
@@ -161,7 +171,7 @@ def corrupt(src, dst, what):
 
 @pytest.mark.parametrize("case", ["missing dir", "unknown repo", "broken config", "corrupt safetensors",
                                   "gpt2", "empty prompt", "prompt over the context", "temperature -1",
-                                  "top-p 0", "top-p 1.5", "top-k 0", "dump without optimizer"])
+                                  "top-p 0", "top-p 1.5", "top-k 0", "dump without optimizer", "quantize q3"])
 def test_bad_input_exits_2_with_one_line(case, env, model_dir, tmp_path):
     good = model_dir[0]
     model, extra, prompt = good, [], PROMPT
