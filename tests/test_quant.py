@@ -150,3 +150,23 @@ def test_bad_quantize_modes_are_rejected(hf_checkpoint):
     path, _ = hf_checkpoint("llama_basic")
     with pytest.raises(ValueError, match="quantize must be one of q8, q4"):
         mn.load_model(path, quantize="int8")
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 300), k=st.sampled_from([32, 64, 96, 256]), experts=st.sampled_from([None, 3]),
+       name=st.sampled_from(["q8", "q4", "q8_0"]), limit=st.integers(0, 5000))
+def test_quantized_windows_fill_but_never_overflow_a_binding(rows, k, experts, name, limit):
+    from meganeura.backend.plan import weight_windows
+
+    fmt = quant.FORMATS[name]
+    shape = (rows, k) if experts is None else (rows, experts, k)
+    row = fmt.nbytes((1, *shape[1:]))                      # one row alone, padded
+    binding = row + 8 + limit
+    windows = weight_windows(shape, 0, binding, fmt)
+    assert windows[0][0] == 0 and windows[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    for r0, r1 in windows:
+        assert fmt.nbytes((r1 - r0, *shape[1:])) <= binding
+    if len(windows) > 1:                                   # a full window could not take one more row
+        r0, r1 = windows[0]
+        assert fmt.nbytes((r1 - r0 + 1, *shape[1:])) > binding - 8

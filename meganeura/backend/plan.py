@@ -36,7 +36,7 @@ def weight_windows(shape, itemsize: float, max_binding: int, fmt: quant.Format |
     rows = shape[0] if shape else 1
     row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
     if fmt is not None:
-        row_bytes = fmt.nbytes((1, *shape[1:])) - 4       # its quants and scales, without the padding
+        row_bytes = row_elems * fmt.bits // 8 + 2 * (row_elems // fmt.group_of(shape[-1]))   # quants, scales
         room = max_binding - 8
     else:
         row_bytes, room = row_elems * itemsize, max_binding
