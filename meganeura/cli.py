@@ -65,6 +65,16 @@ def _progress(msg: str = "") -> None:
 
 
 def _check_run_args(args) -> None:
+    if args.dry_run or args.memory_limit is not None:
+        if args.backend != "wgpu":
+            raise ValueError("--dry-run and --memory-limit plan GPU memory; they need --backend wgpu")
+        if args.memory_limit is not None:
+            from .memory import parse_size
+            parse_size(args.memory_limit)
+    if args.dry_run:
+        return
+    if args.prompt is None:
+        raise ValueError("the prompt is missing (--prompt)")
     if not args.chat and not args.prompt.strip():
         raise ValueError("the prompt is empty (--prompt)")
     if not args.temperature >= 0:
@@ -102,6 +112,16 @@ def cmd_run(args) -> int:
         from .default_model import PATH as model_name
     else:
         model_name = args.model
+    if args.dry_run or args.memory_limit is not None:     # from config.json alone, before any weight is read
+        from .memory import parse_size, plan_memory
+        plan = plan_memory(model_name, context=args.context, quantize=args.quantize,
+                           limit=parse_size(args.memory_limit) if args.memory_limit is not None else None)
+        if args.dry_run:
+            print("\n".join(plan.lines()))
+        if not plan.fits:
+            raise ValueError(plan.reason())
+        if args.dry_run:
+            return 0
     _progress(f"loading {model_name}")
     model = Model(resolve(model_name), backend=args.backend, optimize=not args.no_optimize, context=args.context,
                   keep_egraphs=args.dump_egraph is not None, quantize=args.quantize)
@@ -167,7 +187,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("run", help="generate text from a prompt, streamed to stdout")
     p.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face repo id (default: the small "
                    "built-in model)")
-    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    p.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -181,6 +201,10 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="wgpu", choices=["wgpu", "numpy"])
     p.add_argument("--quantize", default=None, help="weights quantized at load: q8 (int8, "
                    "a scale per row) or q4 (4 bits, a scale per 32); embeddings and the LM head take q8")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan (weights, KV cache, activations "
+                   "against the device's limits) from config.json alone and exit: 0 if it fits, else 2")
+    p.add_argument("--memory-limit", metavar="SIZE", help="device memory the plan must fit in, checked before any "
+                   "weight is read: e.g. 16GB (GB = 10^9 bytes; K, M, G, T likewise), 16GiB (GiB = 2^30), or bytes")
     p.add_argument("--stats", action="store_true", help="print load/compile times and token rates to stderr")
     p.add_argument("--profile", metavar="FILE", help="write every kernel's GPU time per step as a Chrome/Perfetto "
                    "trace (JSON; open in ui.perfetto.dev or chrome://tracing)")

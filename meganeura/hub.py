@@ -32,7 +32,7 @@ def cache_dir() -> str:
 
 
 def resolve(model: str, *, offline: bool | None = None) -> str:
-    """Return a local directory holding the model's config.json.
+    """Return a local directory holding the model's config.json and weights.
 
     model: a directory, a config.json path, or a repo id "org/name" with an optional "@revision".
     offline: None follows HF_HUB_OFFLINE; True never downloads; False downloads what the cache lacks.
@@ -45,14 +45,37 @@ def resolve(model: str, *, offline: bool | None = None) -> str:
         if os.path.basename(path) == "config.json":
             return os.path.dirname(os.path.abspath(path))
         raise HubError(f"not a model directory (expected a directory or its config.json): {model}")
+    repo_id, revision = _repo_id(model)
+    return _from_hub(repo_id, revision, offline, config_only=False)
+
+
+def resolve_config(model: str, *, offline: bool | None = None) -> str:
+    """Return the path of a model's config.json, reading no weights: a directory's config.json, a JSON file
+    as it is, or a repo id's config.json from the cache, else fetched alone (not the whole snapshot)."""
+    model = os.fspath(model)
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return os.path.join(os.path.abspath(path), "config.json")
+    if os.path.isfile(path):
+        if not path.endswith(".json"):
+            raise HubError(f"not a model directory or a config .json file: {model}")
+        return os.path.abspath(path)
+    repo_id, revision = _repo_id(model)
+    return os.path.join(_from_hub(repo_id, revision, offline, config_only=True), "config.json")
+
+
+def _repo_id(model: str) -> tuple[str, str | None]:
     if _looks_like_path(model):
         raise HubError(f"no such model directory: {model}")
     m = _REPO_ID.fullmatch(model)
     if not m or ".." in model or "--" in m.group(1):
         raise HubError(f"not a model directory or a Hugging Face repo id (org/name[@revision]): {model!r}")
-    repo_id, revision = m.group(1), m.group(2)
+    return m.group(1), m.group(2)
+
+
+def _from_hub(repo_id: str, revision: str | None, offline: bool | None, config_only: bool) -> str:
     cache = cache_dir()
-    found = cached_snapshot(repo_id, revision, cache)
+    found = cached_snapshot(repo_id, revision, cache, weights=not config_only)
     if found:
         return found
     if offline is None:
@@ -60,7 +83,7 @@ def resolve(model: str, *, offline: bool | None = None) -> str:
     if offline:
         raise HubError(f"{repo_id} is not in the local Hugging Face cache ({cache}) "
                        "and downloads are off (HF_HUB_OFFLINE)")
-    return _download(repo_id, revision, cache)
+    return _download(repo_id, revision, cache, config_only)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -71,12 +94,13 @@ def _looks_like_path(model: str) -> bool:
     return "/" in model and os.path.exists(head)
 
 
-def cached_snapshot(repo_id: str, revision: str | None = None, cache: str | None = None) -> str | None:
+def cached_snapshot(repo_id: str, revision: str | None = None, cache: str | None = None,
+                    weights: bool = True) -> str | None:
     """The cached snapshot directory of repo_id at revision (branch, tag or commit), or None.
 
-    A snapshot counts only if it has config.json (a followed symlink into blobs/), so half-finished
-    downloads are not mistaken for models. Without a revision and without refs/main, the newest
-    complete snapshot is used.
+    A snapshot counts only if it has config.json (a followed symlink into blobs/) and, with `weights`,
+    safetensors, so half-finished downloads (or a config fetched alone) are not mistaken for models.
+    Without a revision and without refs/main, the newest complete snapshot is used.
     """
     repo = os.path.join(cache or cache_dir(), "models--" + repo_id.replace("/", "--"))
     snapshots = os.path.join(repo, "snapshots")
@@ -84,10 +108,11 @@ def cached_snapshot(repo_id: str, revision: str | None = None, cache: str | None
     commit = rev if _COMMIT.fullmatch(rev) else _read_ref(os.path.join(repo, "refs", rev))
     if commit is not None:
         snap = os.path.join(snapshots, commit)
-        return snap if _complete(snap) else None
+        return snap if _complete(snap, weights) else None
     if revision is not None or not os.path.isdir(snapshots):
         return None
-    complete = [os.path.join(snapshots, d) for d in os.listdir(snapshots) if _complete(os.path.join(snapshots, d))]
+    complete = [os.path.join(snapshots, d) for d in os.listdir(snapshots)
+                if _complete(os.path.join(snapshots, d), weights)]
     return max(complete, key=os.path.getmtime) if complete else None
 
 
@@ -99,19 +124,26 @@ def _read_ref(path: str) -> str | None:
         return None
 
 
-def _complete(snapshot: str) -> bool:
-    return os.path.isfile(os.path.join(snapshot, "config.json"))
+def _complete(snapshot: str, weights: bool = False) -> bool:
+    if not os.path.isfile(os.path.join(snapshot, "config.json")):
+        return False
+    return not weights or any(f.endswith(".safetensors") and os.path.isfile(os.path.join(snapshot, f))
+                              for f in os.listdir(snapshot))
 
 
-def _download(repo_id: str, revision: str | None, cache: str) -> str:
+def _download(repo_id: str, revision: str | None, cache: str, config_only: bool = False) -> str:
     where = f"{repo_id} is not in the local Hugging Face cache ({cache}) and could not be downloaded"
     try:
         import huggingface_hub
     except ImportError:
         raise HubError(f"{where}: huggingface_hub is not installed") from None
     try:
-        path = huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache,
-                                                 allow_patterns=DOWNLOAD_PATTERNS)
+        if config_only:
+            path = os.path.dirname(huggingface_hub.hf_hub_download(repo_id, "config.json", revision=revision,
+                                                                   cache_dir=cache))
+        else:
+            path = huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache,
+                                                     allow_patterns=DOWNLOAD_PATTERNS)
     except Exception as e:  # no network, 404, gated, disk full: all become one line for the user
         raise HubError(f"{where}: {_reason(e, revision)}") from e
     if not _complete(path):

@@ -17,11 +17,10 @@ from meganeura.models.cache import KVCache
 
 from . import generate as gen
 from .graph import Graph
+from .memory import choose_cache
 from .program import compile
 from .quant import check_mode
 from .weights import open_weights, plan
-
-DEFAULT_CHUNK = 256            # prompt tokens per prefill step
 
 
 def _ids(value) -> list[int]:
@@ -89,28 +88,11 @@ class Model:
         return self._decoder
 
     def _cache(self, context: int | None, chunk: int | None) -> KVCache:
-        limit = int(self.config.max_position_embeddings)
-        if context is not None:
-            if context < 1:
-                raise ValueError(f"context must be at least 1 token, got {context}")
-            if context > limit:
-                raise ValueError(f"context {context} exceeds the model's limit of {limit} positions")
-            chosen = context
-        else:
-            # Measure the caches from a graph built at the model's own limit, then shrink to fit.
-            g = Graph()
-            self.family.build_graph(g, self.config, cache=KVCache(limit, min(DEFAULT_CHUNK, limit)))
-            states = [n for n in g.nodes if n.op == "state"]
-            full = [n for n in states if n.shape[0] == limit]
-            per_slot = [4 * n.shape[1] * n.shape[2] for n in full]
-            fixed = sum(4 * int(np.prod(n.shape)) for n in states if n.shape[0] != limit)
-            max_binding = None
-            if self.backend == "wgpu":
-                from .backend.device import open_device
-                max_binding = open_device().max_binding
-            chosen = gen.fit_context(limit, sum(per_slot), max(per_slot, default=0), fixed, max_binding,
-                                     gen.memory_budget())
-        return KVCache(chosen, min(chunk or DEFAULT_CHUNK, chosen))
+        max_binding = None
+        if self.backend == "wgpu":
+            from .backend.device import open_device
+            max_binding = open_device().max_binding
+        return choose_cache(self.family, self.config, context, chunk, max_binding)
 
     # -- scoring
     def logits(self, ids, start_pos: int = 0) -> np.ndarray:

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from meganeura import hub
-from meganeura.hub import HubError, resolve
+from meganeura.hub import HubError, resolve, resolve_config
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
@@ -172,6 +172,45 @@ def test_online_download_success(cache, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
     assert resolve("org/new", offline=False) == snap
+
+
+def test_config_alone(tmp_path, cache):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    assert resolve_config(str(d)) == str(d / "config.json")
+    named = tmp_path / "gemma-config.json"
+    named.write_text("{}")
+    assert resolve_config(str(named)) == str(named)
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(HubError, match="config .json"):
+        resolve_config(str(tmp_path / "weights.safetensors"))
+    # a snapshot holding only config.json (what a dry run fetches) serves a dry run, not a run
+    snap = add_snapshot(cache, "org/cfg", COMMIT_A, ref="main", files=("config.json",))
+    assert resolve_config("org/cfg") == os.path.join(snap, "config.json")
+    with pytest.raises(HubError, match="org/cfg is not in the local Hugging Face cache"):
+        resolve("org/cfg")
+    with pytest.raises(HubError, match="downloads are off"):
+        resolve_config("org/absent")
+
+
+def test_online_config_alone_fetches_one_file(cache, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def fetch(repo_id, filename, **kw):
+        calls.append((repo_id, filename, kw))
+        (cache / "snap").mkdir()
+        (cache / "snap" / "config.json").write_text("{}")
+        return str(cache / "snap" / "config.json")
+
+    def whole(*args, **kw):
+        raise AssertionError("a dry run downloads the whole snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", whole)
+    assert resolve_config("org/new@dev", offline=False) == str(cache / "snap" / "config.json")
+    assert calls == [("org/new", "config.json", {"revision": "dev", "cache_dir": str(cache)})]
 
 
 @pytest.mark.parametrize("bad", ["a b", "too/many/slashes", "org/", "org/na me", "org/x@", "gpt2", ""])
