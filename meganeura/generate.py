@@ -3,10 +3,13 @@
 The program is a model graph built with a KV cache (graph state) and logits for the last token only,
 plus a `next_token` output (the argmax, computed on the GPU). A prompt is fed in chunks of at most
 `cache.chunk` tokens, then each new token is one step of the same kernels. Greedy decoding reads back
-four bytes per token; sampling reads back the last token's logits and draws on the host.
+four bytes per token and never makes the device wait for the host: each step takes its token from the
+step before on the device, and steps are queued in groups ahead of their read-back. Sampling reads back
+the last token's logits and draws on the host.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ import numpy as np
 
 from meganeura.models.cache import KVCache
 
+STEPS_PER_SUBMIT = 4        # greedy steps a submit queues: its fixed cost (on lavapipe ~2 ms of device idle) once for them
 KV_BUDGET = 4 << 30          # bytes the caches may take by default (a context can be asked for instead)
 
 
@@ -126,6 +130,34 @@ class Session:
             self.pos += chunk.size
         return out[0]
 
+    def greedy(self, token: int, steps: int):
+        """Yield up to `steps` greedy tokens, each the argmax after the one before, starting with `token`
+        at the next position; fewer where the context ends. `pos` counts the tokens fed so far, as `feed`
+        does. On a program that chains steps, each step takes its token from the step before on the
+        device, steps go in groups of up to STEPS_PER_SUBMIT per submit, and the next group is queued
+        before this one is read back. A caller that stops early leaves up to 2 * group - 1 steps queued
+        past its last token: they write cache slots from `pos` on, which no earlier position reads and a
+        later feed overwrites before reading them; in a ring of `window + chunk - 1` slots they spare the
+        last `window` positions because the group is at most (chunk + 1) // 2."""
+        steps = min(steps, self.cache.context - self.pos)
+        if not self.program.chains:
+            for _ in range(steps):
+                token = int(self.feed([token]))
+                yield token
+            return
+        group = max(1, min(STEPS_PER_SUBMIT, (self.cache.chunk + 1) // 2))
+        sizes = [min(group, steps - at) for at in range(0, steps, group)]
+        chain, want = {"token_ids": "next_token"}, ("next_token",)
+        first = {"token_ids": [token], "start_pos": self.pos}
+        ahead = self.program.submit(first, self.weights, want, chain, sizes[0]) if sizes else None
+        for n, size in enumerate(sizes):
+            queued = ahead
+            if n + 1 < len(sizes):          # the next group's first token is this group's last, on the device
+                ahead = self.program.submit({"start_pos": self.pos + size}, self.weights, want, chain, sizes[n + 1])
+            for out in queued.read():
+                self.pos += 1
+                yield int(out["next_token"][0])
+
 
 def generate_ids(session: Session, ids, max_new_tokens: int, sampling: Sampling, eos_ids, stats: Stats | None = None):
     """Yield new token ids one by one (an EOS id is yielded, then generation stops; so does a full context)."""
@@ -144,11 +176,21 @@ def generate_ids(session: Session, ids, max_new_tokens: int, sampling: Sampling,
     stats.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     eos = set(int(e) for e in eos_ids)
-    for n in range(max_new_tokens):
-        token = int(out) if sampling.greedy else sample(out, sampling, rng)
+    if max_new_tokens < 1:
+        return
+    token = int(out) if sampling.greedy else sample(out, sampling, rng)
+    later = (session.greedy(token, max_new_tokens - 1) if sampling.greedy
+             else _sampled(session, token, max_new_tokens - 1, sampling, rng))
+    for n, token in enumerate(itertools.chain([token], later)):
         stats.new_tokens = n + 1
         stats.decode_s = time.perf_counter() - t1
         yield token
-        if token in eos or n + 1 == max_new_tokens or session.pos >= session.cache.context:
+        if token in eos:
             return
-        out = session.feed([token], want)
+
+
+def _sampled(session: Session, token: int, steps: int, sampling: Sampling, rng):
+    """Up to `steps` sampled tokens after `token`, each drawn from the logits after the one before."""
+    for _ in range(min(steps, session.cache.context - session.pos)):
+        token = sample(session.feed([token], "logits"), sampling, rng)
+        yield token

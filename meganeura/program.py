@@ -118,6 +118,33 @@ class Program:
         out = reference.run(self.graph, fed, self.params(weights), self.state)
         return out if outputs is None else {k: v for k, v in out.items() if k in outputs}
 
+    @property
+    def chains(self) -> bool:
+        """Whether `submit` is available: steps queued on the device without waiting for each other."""
+        return self._runner is not None
+
+    def submit(self, inputs: Mapping[str, object], weights, outputs=None, chained: Mapping[str, str] | None = None,
+               steps: int = 1):
+        """Queue `steps` steps on the device (the first at the inputs' start_pos, each later one right
+        after the one before) and return at once; `.read()` on the result gives `run`'s dict for each step.
+        Inputs named in `chained` take the value of that output of the step before, copied on the device:
+        the first step's from the last step queued before, unless `inputs` holds them."""
+        if self._runner is None:
+            raise ValueError(f"the {self.backend} backend runs one step at a time (see `chains`)")
+        chained = dict(chained or {})
+        sources = {name: self.graph[self._output(out)] for name, out in chained.items()}
+        carried = {name: n for name, n in sources.items() if name not in inputs}
+        stand_ins = {name: np.zeros(n.shape, NP_DTYPES[n.dtype]) for name, n in carried.items()}
+        fed, tokens = self.feed({**inputs, **stand_ins})      # a carried value's shape sets its token count
+        fed = {name: v for name, v in fed.items() if name not in carried}
+        return self._runner.submit(fed, tokens, self._checked(weights), outputs, chained, steps)
+
+    def _output(self, name: str) -> int:
+        found = [o for o in self.graph.outputs if self.graph.names[o] == name]
+        if not found or S in self.graph[found[0]].shape:
+            raise ValueError(f"no output {name!r} of fixed shape; outputs: {', '.join(self.graph.output_names())}")
+        return found[0]
+
 
 def compile(graph: Graph, backend: str = "wgpu", optimize: bool = True, keep: bool = False,
             quantize: str | None = None) -> Program:

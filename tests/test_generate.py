@@ -196,3 +196,65 @@ def test_default_context_is_the_model_limit_capped_by_memory(hf_checkpoint):
     big = mn.load_model(path, backend="numpy")
     big.config.max_position_embeddings = 1 << 40
     assert big._cache(None, None).context * 768 <= 4 << 30
+
+
+# ---------------------------------------------------------------- greedy steps queued ahead of their read-back
+
+def one_step_at_a_time(session, prompt, n):
+    """The greedy tokens after `prompt` with a read-back between every two steps."""
+    session.reset()
+    token = int(session.feed(prompt))
+    new = [token]
+    for _ in range(n - 1):
+        token = int(session.feed([token]))
+        new.append(token)
+    return new
+
+
+def assert_feeds_on_like_a_full_forward(model, session, seq, more):
+    """Feeding `more` at session.pos (where `seq` ends) gives the logits a full forward of seq + more does."""
+    assert session.pos == len(seq)
+    got = session.feed(more, "logits")
+    want = model.logits(seq + more)[-1]
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-3, f"feeding on at position {len(seq)}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case, chunk", [("mistral_sliding", 4), ("mistral_sliding", 8), ("gemma4_text_all", 7)])
+def test_queued_greedy_steps_give_the_tokens_and_caches_of_single_steps(case, chunk, hf_checkpoint):
+    """Windows of 5 positions in rings of 5 + chunk - 1 slots wrap many times over 9 + 20 positions; steps
+    go in groups of 2 (chunk 4) or 4 per submit. The session stops at max_new_tokens and at an EOS
+    mid-group (steps stay queued past its last token, writing slots ahead) and is fed on from there."""
+    from meganeura.generate import generate_ids
+    path, _ = no_eos(case, hf_checkpoint)
+    model = mn.load_model(path, context=40, chunk=chunk)
+    assert model.decoder.chains
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1]
+    session = model.session()
+    want = one_step_at_a_time(session, prompt, 21)
+
+    session.reset()
+    first = int(session.feed(prompt))
+    assert [first, *session.greedy(first, 20)] == want
+    assert_feeds_on_like_a_full_forward(model, session, prompt + want[:-1], [want[-1], 3, 1])
+
+    session.reset()
+    got = list(generate_ids(session, prompt, 12, Sampling(), eos_ids=[]))     # stops at max_new_tokens
+    assert got == want[:12]
+    assert_feeds_on_like_a_full_forward(model, session, prompt + got[:-1], [got[-1], 5])
+
+    eos = want[7]
+    session.reset()
+    got = list(generate_ids(session, prompt, 20, Sampling(), eos_ids=[eos]))  # stops at an EOS, a step queued past it
+    assert got == want[:want.index(eos) + 1]
+    assert_feeds_on_like_a_full_forward(model, session, prompt + got[:-1], [got[-1], 2, 7])
+
+
+def test_queued_greedy_steps_stop_at_the_end_of_the_context(hf_checkpoint):
+    path, _ = no_eos("llama_basic", hf_checkpoint)
+    model = mn.load_model(path, context=12, chunk=4)
+    session = model.session()
+    want = one_step_at_a_time(session, [1, 2, 3, 4, 5], 8)        # positions 5..11 give tokens 2..8
+    session.reset()
+    first = int(session.feed([1, 2, 3, 4, 5]))
+    assert [first, *session.greedy(first, 50)] == want and session.pos == 12

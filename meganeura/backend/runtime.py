@@ -1,5 +1,5 @@
 """Running a graph on a wgpu device: weights uploaded once, pipelines and bind groups built once per token
-capacity, and each forward step encoded as one compute pass and one submit.
+capacity, and each forward step encoded as one compute pass; consecutive steps may share one submit.
 """
 from __future__ import annotations
 
@@ -93,6 +93,8 @@ class WgpuRunner:
         self.rope_tables: dict[tuple, int] = {}
         self.states: dict[str, object] = {}        # persistent tensors (KV caches), kept across steps
         self.profiler = None                        # a profile.Profiler times each dispatch while attached
+        self._last: Submission | None = None        # the submit before: its last step's values fill the arena
+        self.encode_s = 0.0                         # host seconds spent preparing submits (bench reports it)
         scalars = [n.attrs["name"] for n in graph.nodes if n.op == "input" and n.shape == ()]
         if any(s != "start_pos" for s in scalars):
             raise ValueError(f"the wgpu backend passes only 'start_pos' as a scalar input, got {scalars}")
@@ -266,15 +268,21 @@ class WgpuRunner:
                 group = self.gpu.create_bind_group(layout=layout, entries=entries)
                 self.dispatches.append((pipe, group, k))
         self._encodings: dict[int, list] = {}
-        self.staging = {o: self.gpu.create_buffer(size=self.slots[self.arena.value_slot[base_of(self.graph, o)]].size,
-                                                  usage=u.MAP_READ | u.COPY_DST)
-                        for o in self.graph.outputs}
+        # Outputs are read back through two sets of staging buffers (output -> buffer, grown as steps need)
+        # used by turns, so one submit's outputs stay readable while the next one is queued.
+        self.staging: list[dict[int, object]] = [{}, {}]
+        self._turns: list[Submission | None] = [None, None]
+        self.uploads = None                         # per-step uniforms and RoPE tables, copied in by each step
 
     def _state(self, node: Node):
         name = node.attrs["name"]
         if name not in self.states:
             self.states[name] = self._new_buffer(numel_at(node.shape, 0) * 4)      # zeroed by wgpu
         return self.states[name]
+
+    def _value(self, node_id: int):
+        """The arena slot holding an input's or an output's value."""
+        return self.slots[self.arena.value_slot[base_of(self.graph, node_id)]]
 
     def _buffer(self, ref: Ref, node_id: int):
         if ref.kind == "node":
@@ -299,48 +307,144 @@ class WgpuRunner:
 
     def run(self, fed: dict[str, np.ndarray], tokens: int, weights, outputs=None) -> dict[str, np.ndarray]:
         """One step; reads back the outputs named in `outputs` (all when None)."""
+        return self.submit(fed, tokens, weights, outputs).read()[0]
+
+    def submit(self, fed: dict[str, np.ndarray], tokens: int, weights, outputs=None,
+               chained: dict[str, str] | None = None, steps: int = 1) -> "Submission":
+        """Encode `steps` steps of `tokens` tokens each, the first at fed's start_pos and each later one at
+        the positions after the one before, and submit them at once without waiting; `read()` on the
+        result waits and gives each step's outputs named in `outputs` (all when None). `chained` maps
+        inputs to outputs: a step takes those inputs from the step before it, copied on the device (the
+        first step from the last one submitted before, unless `fed` holds them), so the host need not read
+        a step back before queuing the next. Other array inputs come from `fed`, for the first step only."""
         began = time.perf_counter()
+        chained = chained or {}
         self.bind_weights(weights)
         if self.arena is None or tokens > self.arena.capacity:
             self._prepare(max(tokens, 2 * self.arena.capacity if self.arena else 16))
-        q = self.gpu.queue
-        start = int(fed.get("start_pos", 0))
-        q.write_buffer(self.step, 0, np.array([tokens, start, 0, 0], np.uint32))
-        for name, i in self.graph.leaves("input").items():
-            if self.graph[i].shape != ():
+        arrays = {name: i for name, i in self.graph.leaves("input").items() if self.graph[i].shape != ()}
+        if steps > 1 and set(arrays) - set(chained):
+            raise ValueError(f"steps after the first take every array input from the step before; "
+                             f"{sorted(set(arrays) - set(chained))} are not chained")
+        carried = [name for name in chained if name not in fed]
+        if carried and (self._last is None or self._last.arena is not self.arena):
+            raise RuntimeError("chained inputs need a step submitted before on the same arena")
+        outputs_by_name = {self.graph.names[o]: o for o in self.graph.outputs}
+        copies = {}                                  # chained input -> (source, destination, bytes)
+        for name, out in chained.items():
+            i, o = arrays[name], outputs_by_name[out]
+            sizes = {numel_at(self.graph[i].shape, tokens), numel_at(self.graph[o].shape, tokens)}
+            if name in carried:
+                sizes.add(numel_at(self.graph[o].shape, self._last.tokens))
+            if len(sizes) > 1 or self._value(i) is self._value(o):    # (a copy onto itself is invalid)
+                raise ValueError(f"input {name!r} cannot take the value of output {out!r}")
+            copies[name] = (self._value(o), self._value(i), sizes.pop() * 4)
+        # Host values reach the device by queue writes, which land after every earlier submit's commands:
+        # they may overwrite what a submit still in flight reads.
+        for name, i in arrays.items():
+            if name in fed:
                 arr = np.ascontiguousarray(fed[name]).view(np.uint8).reshape(-1)
                 if arr.size:
-                    self._write(self.slots[self.arena.value_slot[i]], 0, arr)
-        for (inv, scaling), key in self.rope_tables.items():
-            ang = reference.rope_angles(start, tokens, inv)
-            table = np.stack([np.cos(ang) * np.float32(scaling), np.sin(ang) * np.float32(scaling)], axis=-1)
-            self._write(self.rope_buffers[key], 0, table.astype(np.float32))
+                    self._write(self._value(i), 0, arr)
+        start = int(fed.get("start_pos", 0))
+        places = self._step_values(start, tokens, steps)
         enc = self.gpu.create_command_encoder()
-        if self.profiler is not None:
-            self.profiler.encode(enc, self, tokens, start)
-        else:
-            cp = enc.begin_compute_pass()
-            for pipe, group, grid in self.encoding(tokens):
-                cp.set_pipeline(pipe)
-                cp.set_bind_group(0, group)
-                cp.dispatch_workgroups(*grid)
-            cp.end()
-        wanted = {o: st for o, st in self.staging.items() if outputs is None or self.graph.names[o] in outputs}
-        sizes = {o: numel_at(self.graph[o].shape, tokens) * 4 for o in wanted}
-        for o, staging in wanted.items():
-            src = self.slots[self.arena.value_slot[base_of(self.graph, o)]]
-            enc.copy_buffer_to_buffer(src, 0, staging, 0, padded(sizes[o]))
+        index = self._last.index + 1 if self._last else 0
+        turn = index % 2
+        if self._turns[turn] is not None:
+            self._turns[turn].release()
+        sub = self._turns[turn] = Submission(self, index, self.arena, tokens, steps)
+        strides = {o: padded(numel_at(self.graph[o].shape, tokens) * 4) for o in self.graph.outputs
+                   if outputs is None or self.graph.names[o] in outputs}
+        for o, stride in strides.items():
+            if o not in self.staging[turn] or self.staging[turn][o].size < steps * stride:
+                u = self.wgpu.BufferUsage
+                self.staging[turn][o] = self.gpu.create_buffer(size=steps * stride, usage=u.MAP_READ | u.COPY_DST)
+            sub.staged[o] = (self.staging[turn][o], stride)
+        for k in range(steps):
+            for dst, at, nbytes in places[k]:
+                enc.copy_buffer_to_buffer(self.uploads, at, dst, 0, nbytes)
+            for name, (src, dst, nbytes) in copies.items():
+                if k or name in carried:
+                    enc.copy_buffer_to_buffer(src, 0, dst, 0, nbytes)
+            if self.profiler is not None:
+                self.profiler.encode(enc, self, tokens, start + k * tokens)
+            else:
+                cp = enc.begin_compute_pass()
+                for pipe, group, grid in self.encoding(tokens):
+                    cp.set_pipeline(pipe)
+                    cp.set_bind_group(0, group)
+                    cp.dispatch_workgroups(*grid)
+                cp.end()
+            for o, (staging, stride) in sub.staged.items():
+                enc.copy_buffer_to_buffer(self._value(o), 0, staging, k * stride, stride)
+            if self.profiler is not None:           # its timestamps are read back one step at a time
+                self.gpu.queue.submit([enc.finish()])
+                self.profiler.collect()
+                enc = self.gpu.create_command_encoder()
         cmds = enc.finish()
-        self.last_encode_s = time.perf_counter() - began      # host time to prepare the step (bench reports it)
-        q.submit([cmds])
-        if self.profiler is not None:
-            self.profiler.collect()
-        out = {}
-        for o, staging in wanted.items():
-            staging.map_sync(self.wgpu.MapMode.READ)
-            kind = np.uint32 if self.graph[o].dtype == "u32" else np.float32
-            data = np.frombuffer(staging.read_mapped(0, padded(sizes[o])), kind)[:sizes[o] // 4]
+        self.encode_s += time.perf_counter() - began
+        self.gpu.queue.submit([cmds])
+        self._last = sub
+        sub.map()
+        return sub
+
+    def _step_values(self, start: int, tokens: int, steps: int) -> list[list[tuple]]:
+        """Write each step's uniform (token count, first position) and RoPE tables to the uploads buffer;
+        returns, per step, where each goes: (destination buffer, offset in uploads, bytes)."""
+        parts, places, at = [], [], 0
+        for k in range(steps):
+            first = start + k * tokens
+            mine = [(self.step, np.array([tokens, first, 0, 0], np.uint32))]
+            for (inv, scaling), key in self.rope_tables.items():
+                ang = reference.rope_angles(first, tokens, inv)
+                table = np.stack([np.cos(ang) * np.float32(scaling), np.sin(ang) * np.float32(scaling)], axis=-1)
+                mine.append((self.rope_buffers[key], table.astype(np.float32)))
+            places.append([])
+            for dst, arr in mine:
+                parts.append(arr.view(np.uint8).reshape(-1))
+                places[-1].append((dst, at, arr.nbytes))
+                at += arr.nbytes
+        blob = np.concatenate(parts)
+        if self.uploads is None or self.uploads.size < blob.size:
+            u = self.wgpu.BufferUsage
+            self.uploads = self.gpu.create_buffer(size=padded(blob.size), usage=u.COPY_SRC | u.COPY_DST)
+        self._write(self.uploads, 0, blob)
+        return places
+
+
+class Submission:
+    """Steps submitted together. `read()` waits for them and gives each one's outputs; it must come before
+    the second submit after this one (which reuses its staging buffers)."""
+
+    def __init__(self, runner: WgpuRunner, index: int, arena: ArenaPlan, tokens: int, steps: int):
+        self.runner, self.index, self.arena, self.tokens, self.steps = runner, index, arena, tokens, steps
+        self.staged: dict[int, tuple] = {}          # output node -> (staging buffer, bytes a step)
+        self.mapping: dict[int, object] = {}        # output node -> its staging buffer's map promise
+
+    def map(self):
+        # Asked for at once, so the wait covers this submit and not a later one. wgpu-py's plain READ
+        # mode first submits an empty command buffer, which on some drivers (lavapipe) waits for the work
+        # in flight; these buffers are only written by submitted copies, which need no such flush.
+        self.mapping = {o: staging.map_async("READ_NOSYNC") for o, (staging, _) in self.staged.items()}
+
+    def read(self) -> list[dict[str, np.ndarray]]:
+        if self.runner._last.index > self.index + 1:
+            raise RuntimeError("a submit's outputs were read after its staging buffers were reused")
+        graph, out = self.runner.graph, [{} for _ in range(self.steps)]
+        for o, (staging, stride) in self.staged.items():
+            self.mapping.pop(o).sync_wait()
+            kind = np.uint32 if graph[o].dtype == "u32" else np.float32
+            shape = tuple(self.tokens if d == "S" else d for d in graph[o].shape)
+            data = np.frombuffer(staging.read_mapped(0, self.steps * stride), kind).reshape(self.steps, -1)
+            for k in range(self.steps):
+                out[k][graph.names[o]] = data[k, :numel_at(graph[o].shape, self.tokens)].reshape(shape).copy()
             staging.unmap()
-            shape = tuple(tokens if d == "S" else d for d in self.graph[o].shape)
-            out[self.graph.names[o]] = data.reshape(shape).copy()
         return out
+
+    def release(self):
+        """Give the staging buffers back unread (a speculative step nobody wants)."""
+        for o, promise in self.mapping.items():
+            promise.sync_wait()
+            self.staged[o][0].unmap()
+        self.mapping = {}
