@@ -150,8 +150,10 @@ def bench(model: str, prompt_len: int = 64, new_tokens: int = 8, backend: str = 
     if new_tokens < 1:
         raise ValueError(f"--new-tokens must be at least 1, got {new_tokens}")
     tmp = None
-    path = model if os.path.isfile(model) else resolve(model)
-    if not (os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))):
+    path = model if os.path.isfile(model) and not model.endswith(".gguf") else resolve(model)
+    has_weights = path.endswith(".gguf") or os.path.isdir(path) and any(f.endswith(".safetensors")
+                                                                          for f in os.listdir(path))
+    if not has_weights:
         tmp = tempfile.TemporaryDirectory()
         _random_checkpoint(path, tmp.name)
         path = tmp.name

@@ -32,21 +32,33 @@ def cache_dir() -> str:
 
 
 def resolve(model: str, *, offline: bool | None = None) -> str:
-    """Return a local directory holding the model's config.json and weights.
+    """Return a local directory holding the model's config.json and weights, or a .gguf file.
 
-    model: a directory, a config.json path, or a repo id "org/name" with an optional "@revision".
+    model: a directory (one holding a single .gguf file and no safetensors stands for that file), a
+    config.json path, a .gguf file, or a repo id "org/name" with an optional "@revision".
     offline: None follows HF_HUB_OFFLINE; True never downloads; False downloads what the cache lacks.
     """
     model = os.fspath(model)
     path = os.path.expanduser(model)
     if os.path.isdir(path):
-        return os.path.abspath(path)
+        return _only_gguf(os.path.abspath(path)) or os.path.abspath(path)
     if os.path.isfile(path):
         if os.path.basename(path) == "config.json":
             return os.path.dirname(os.path.abspath(path))
-        raise HubError(f"not a model directory (expected a directory or its config.json): {model}")
+        if path.endswith(".gguf"):
+            return os.path.abspath(path)
+        raise HubError(f"not a model directory (expected a directory, its config.json or a .gguf file): {model}")
     repo_id, revision = _repo_id(model)
     return _from_hub(repo_id, revision, offline, config_only=False)
+
+
+def _only_gguf(directory: str) -> str | None:
+    """The one .gguf file of a directory that holds no safetensors (None if there is none or several)."""
+    files = os.listdir(directory)
+    ggufs = [f for f in files if f.endswith(".gguf") and os.path.isfile(os.path.join(directory, f))]
+    if len(ggufs) != 1 or any(f.endswith(".safetensors") for f in files):
+        return None
+    return os.path.join(directory, ggufs[0])
 
 
 def resolve_config(model: str, *, offline: bool | None = None) -> str:
@@ -57,6 +69,8 @@ def resolve_config(model: str, *, offline: bool | None = None) -> str:
     if os.path.isdir(path):
         return os.path.join(os.path.abspath(path), "config.json")
     if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            raise HubError(f"memory plans are made from a config.json; a .gguf file is not planned: {model}")
         if not path.endswith(".json"):
             raise HubError(f"not a model directory or a config .json file: {model}")
         return os.path.abspath(path)

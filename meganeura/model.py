@@ -130,8 +130,12 @@ class Model:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.from_dir(self.path)
+            if self.path.endswith(".gguf"):
+                from .gguf_file import tokenizer
+                self._tokenizer = tokenizer(self.path)
+            else:
+                from .tokenizer import Tokenizer
+                self._tokenizer = Tokenizer.from_dir(self.path)
         return self._tokenizer
 
     def encode_prompt(self, prompt, chat: bool = False) -> list[int]:

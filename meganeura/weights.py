@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .quant import GGUF_BLOCKS
+
 # safetensors dtype tag -> numpy storage dtype (bf16 is stored as its 16 raw bits)
 STORAGE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -26,10 +28,10 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class TensorInfo:
     file: str
-    dtype: str          # safetensors tag: F32, BF16, ...
+    dtype: str          # safetensors tag: F32, BF16, ...; GGUF blocks kept as stored: Q8_0, Q4_0
     shape: tuple[int, ...]
-    begin: int          # absolute byte offsets in the file
-    end: int
+    begin: int          # absolute byte offsets in the file; end - begin is the size of what raw() gives
+    end: int            # (GGUF types widened when read: the widened size, see gguf_file)
 
 
 def _read_header(path: str) -> dict[str, TensorInfo]:
@@ -128,7 +130,16 @@ class Checkpoint:
 
 
 def open_weights(path) -> Checkpoint:
+    """A checkpoint directory or .safetensors file, or a .gguf file (see meganeura.gguf_file)."""
+    if os.fspath(path).endswith(".gguf"):
+        from .gguf_file import GGUFCheckpoint
+        return GGUFCheckpoint(path)
     return Checkpoint(path)
+
+
+def readable(tag: str) -> bool:
+    """Whether a stored tensor of this dtype can serve a parameter: a float type, or GGUF blocks."""
+    return tag in FLOAT_TAGS or tag in GGUF_BLOCKS
 
 
 def bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -203,7 +214,7 @@ def _plan_one(ckpt: Checkpoint, node, problems: list[str]) -> Binding | None:
             if s is None:
                 problems.append(f"missing {name} (packed into {a['name']} {list(shape)})")
                 ok = False
-            elif ckpt.tensors[s].dtype not in FLOAT_TAGS:
+            elif not readable(ckpt.tensors[s].dtype):
                 problems.append(f"{s} has dtype {ckpt.tensors[s].dtype}, expected a float type")
                 ok = False
             else:
@@ -224,7 +235,7 @@ def _plan_one(ckpt: Checkpoint, node, problems: list[str]) -> Binding | None:
         if got != shape and not (shape == () and got == (1,)) and not (got == () and shape == (1,)):
             problems.append(f"{stored} has shape {list(got)}, expected {list(shape)}")
             return None
-        if ckpt.tensors[stored].dtype not in FLOAT_TAGS:
+        if not readable(ckpt.tensors[stored].dtype):
             problems.append(f"{stored} has dtype {ckpt.tensors[stored].dtype}, expected a float type")
             return None
         return Binding(a["name"], shape, ((stored,),), stacked=False)

@@ -10,10 +10,14 @@ class ConfigError(ValueError):
 
 
 def read_config(source) -> dict:
-    """The config as a dict. `source` is a dict, a config.json path, or a directory holding one."""
+    """The config as a dict. `source` is a dict, a config.json path, a directory holding one, or a .gguf
+    file (its metadata as the config.json it was converted from)."""
     if isinstance(source, dict):
         return dict(source)
     path = os.fspath(source)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from meganeura.gguf_file import config_from_gguf
+        return config_from_gguf(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):

@@ -28,7 +28,14 @@ def inv_freq(params: dict, head_dim: int) -> tuple[np.ndarray, float]:
     theta = float(params["rope_theta"])
     d = head_dim
     if kind == "default":
-        return f32(1) / _base_powers(theta, d), 1.0
+        inv = f32(1) / _base_powers(theta, d)
+        if params.get("freq_factors") is not None:
+            # llama.cpp's rope_freqs: one divisor per frequency (how GGUF files carry LLaMA-3's scaling)
+            factors = np.asarray(params["freq_factors"], dtype=f32)
+            if factors.shape != inv.shape:
+                raise ConfigError(f"{factors.size} RoPE frequency factors for head_dim {d}")
+            inv = inv / factors
+        return inv, 1.0
     if kind == "linear":
         return (f32(1) / _base_powers(theta, d)) / f32(params["factor"]), 1.0
     if kind == "proportional":
