@@ -12,7 +12,9 @@
 // 1/rms scales the sums (sum_k (x_k r) w_k = r sum_k x_k w_k).
 ${bindings}
 
-struct Pack { lo: vec4<f32>, hi: vec4<f32> }
+// A pack's elements are (lo, hi) * s: a quantized weight's group scale multiplies the pack's dot products
+// rather than its 8 elements (s is 1.0 for every other pack, a multiply the shader compiler drops).
+struct Pack { lo: vec4<f32>, hi: vec4<f32>, s: f32 }
 
 const WG: u32 = ${wg}u;
 const LANES: u32 = ${lanes}u;

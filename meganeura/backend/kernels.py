@@ -135,13 +135,13 @@ def _declare_packs(slot: int, b: Binding) -> list[str]:
     name = b.name
     if b.dtype == "f32":
         return [f"@group(0) @binding({slot}) var<storage, read> {name}: array<vec4<f32>>;",
-                f"fn pack_{name}(i: u32) -> Pack {{ return Pack({name}[2u * i], {name}[2u * i + 1u]); }}"]
+                f"fn pack_{name}(i: u32) -> Pack {{ return Pack({name}[2u * i], {name}[2u * i + 1u], 1.0); }}"]
     if b.dtype == "bf16":       # the low half of each word is the even element
         unpack = ("Pack(bitcast<vec4<f32>>(vec4<u32>(q.x << 16u, q.x & 0xffff0000u, q.y << 16u, q.y & 0xffff0000u)), "
-                  "bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u)))")
+                  "bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u)), 1.0)")
     elif b.dtype == "f16":
         unpack = ("Pack(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), "
-                  "vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)))")
+                  "vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)), 1.0)")
     else:
         raise ValueError(f"no packed loads for {b.dtype}")
     return [f"@group(0) @binding({slot}) var<storage, read> {name}: array<vec4<u32>>;",
@@ -161,15 +161,14 @@ def _declare_quantized(slot: int, b: Binding) -> list[str]:
     if b.dtype == "q8":
         # A byte shifted to the top of the word, then arithmetically back down: its sign extended.
         load = f"f32(bitcast<i32>({name}[i >> 2u] << (24u - 8u * (i & 3u))) >> 24u)"
-        word4 = ("(vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u)) "
-                 "* s)")
-        pack = (f"let s = scale_{name}(i / {g // 8}u); var q = {name}[2u * i]; let lo = {word4}; "
-                f"q = {name}[2u * i + 1u]; return Pack(lo, {word4});")
+        word4 = "vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u))"
+        pack = (f"var q = {name}[2u * i]; let lo = {word4}; q = {name}[2u * i + 1u]; "
+                f"return Pack(lo, {word4}, scale_{name}(i / {g // 8}u));")
     else:
         load = f"(f32(({name}[i >> 3u] >> (4u * (i & 7u))) & 15u) - 8.0)"
-        nibbles = "((vec4<f32>((vec4<u32>(q) >> vec4<u32>({})) & vec4<u32>(15u)) - 8.0) * s)"
-        pack = (f"let s = scale_{name}(i / {g // 8}u); let q = {name}[i]; "
-                f"return Pack({nibbles.format('0u, 4u, 8u, 12u')}, {nibbles.format('16u, 20u, 24u, 28u')});")
+        nibbles = "(vec4<f32>((vec4<u32>(q) >> vec4<u32>({})) & vec4<u32>(15u)) - 8.0)"
+        pack = (f"let q = {name}[i]; return Pack({nibbles.format('0u, 4u, 8u, 12u')}, "
+                f"{nibbles.format('16u, 20u, 24u, 28u')}, scale_{name}(i / {g // 8}u));")
     out.append(f"fn pack_{name}(i: u32) -> Pack {{ {pack} }}" if b.packs else
                f"fn load_{name}(i: u32) -> f32 {{ return {load} * scale_{name}(i / {g}u); }}")
     return out
@@ -572,7 +571,7 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
     if norm_w is not None:
         parts.append("fn norm_pack(p: u32) -> Pack { let b = p * 8u; return Pack("
                      "vec4<f32>(load_nw(b), load_nw(b + 1u), load_nw(b + 2u), load_nw(b + 3u)), "
-                     "vec4<f32>(load_nw(b + 4u), load_nw(b + 5u), load_nw(b + 6u), load_nw(b + 7u))); }")
+                     "vec4<f32>(load_nw(b + 4u), load_nw(b + 5u), load_nw(b + 6u), load_nw(b + 7u)), 1.0); }")
     for i, (r0, r1) in enumerate(windows):
         n = (r1 - r0) // 2 if act else r1 - r0
         bindings = [replace(shared[0], packs=True), replace(w_binding(i), packs=True), *shared[1:], out]
@@ -600,10 +599,12 @@ def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: i
         body.append(f"            let raw{t} = pack_a(min(m0 + {t}u, M - 1u) * PACKS + p);")
         if norm is not None:
             body.append(f"            ss{t} = ss{t} + dot(raw{t}.lo, raw{t}.lo) + dot(raw{t}.hi, raw{t}.hi);")
-        scaled = f"Pack(raw{t}.lo * nw.lo, raw{t}.hi * nw.hi)" if weighted else f"raw{t}"
+        scaled = f"Pack(raw{t}.lo * nw.lo, raw{t}.hi * nw.hi, 1.0)" if weighted else f"raw{t}"
         body.append(f"            let x{t} = {scaled};")
-        body += [f"            acc{r}_{t} = acc{r}_{t} + dot(w{r}.lo, x{t}.lo) + dot(w{r}.hi, x{t}.hi);" for r in R]
-        body += [f"            up{r}_{t} = up{r}_{t} + dot(u{r}.lo, x{t}.lo) + dot(u{r}.hi, x{t}.hi);" for r in R] * gated
+        body += [f"            acc{r}_{t} = acc{r}_{t} + (dot(w{r}.lo, x{t}.lo) + dot(w{r}.hi, x{t}.hi)) * w{r}.s;"
+                 for r in R]
+        body += [f"            up{r}_{t} = up{r}_{t} + (dot(u{r}.lo, x{t}.lo) + dot(u{r}.hi, x{t}.hi)) * u{r}.s;"
+                 for r in R] * gated
     store = []
     for t in T:
         scale = f"1.0 / sqrt(ss{t} / f32(K) + {lit(eps)})" if norm is not None else "1.0"
