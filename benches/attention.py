@@ -37,8 +37,8 @@ def decode_attention(args, keys_per_split: int, q, kc, vc):
     finally:
         kernels.KEYS_PER_SPLIT = saved
     runner = prog._runner
-    runner.gpu.queue.write_buffer(runner.states["k_cache"], 0, kc)
-    runner.gpu.queue.write_buffer(runner.states["v_cache"], 0, vc)
+    runner.write_state("k_cache", kc)
+    runner.write_state("v_cache", vc)
     out = prog.run(feed, {})["y"]                             # the step again, over the filled cache
     attention = [(p, b, k.grid(1)) for p, b, k in runner.dispatches
                  if k.label.startswith("attention") and k.runs_for(1)]

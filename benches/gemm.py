@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         prog = mn.compile(g, backend="wgpu", optimize=False)
         got = prog.run({"x": x}, weights)["y"]          # uploads, builds the pipelines, warms up
         runner = prog._runner
-        gemms = [(p, b, grid) for p, b, grid in runner.encoding(m)]
+        gemms = runner.encoding(m)
         ref = x @ mn.weights.to_f32(mn.weights.bf16_bits(w), "BF16").reshape(n, k).T
         err = float(np.abs(got - ref).max())
 

@@ -1,4 +1,5 @@
-"""Timing a list of (pipeline, bind group, workgroups) dispatches of a runner, for the kernel benches."""
+"""Timing a list of (pipeline, bind group, workgroups[, mirrors]) dispatches of a runner, for the kernel
+benches: the kernels alone, without the copies of values into textures a step makes between them."""
 import time
 
 
@@ -9,7 +10,7 @@ def seconds(runner, dispatches, reps: int) -> float:
     enc = runner.gpu.create_command_encoder()
     cp = enc.begin_compute_pass()
     for _ in range(reps):
-        for pipe, group, grid in dispatches:
+        for pipe, group, grid, *_ in dispatches:
             cp.set_pipeline(pipe)
             cp.set_bind_group(0, group)
             cp.dispatch_workgroups(*grid)

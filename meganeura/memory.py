@@ -65,7 +65,8 @@ def host_memory() -> int | None:
 
 # ---------------------------------------------------------------- the context a run chooses
 
-def choose_cache(family, cfg, context: int | None, chunk: int | None, max_binding: int | None) -> KVCache:
+def choose_cache(family, cfg, context: int | None, chunk: int | None, max_binding: int | None,
+                 copies: int = 1) -> KVCache:
     """The KV cache of a run: `context` positions if given (checked against the model's limit), else the
     model's limit shrunk until the caches fit `generate.memory_budget()` and the largest fits one storage
     binding of `max_binding` bytes (None: no binding limit); prefill chunks of `chunk` (default 256)."""
@@ -78,7 +79,8 @@ def choose_cache(family, cfg, context: int | None, chunk: int | None, max_bindin
         chosen = context
     else:
         per_position, largest, fixed = _cache_costs(family, cfg, limit)
-        chosen = gen.fit_context(limit, per_position, largest, fixed, max_binding, gen.memory_budget())
+        # `copies` of each cache (2 where kernels read a texture copy): the budget holds them all.
+        chosen = gen.fit_context(limit, per_position, largest, fixed, max_binding, gen.memory_budget() // copies)
     return KVCache(chosen, min(chunk or DEFAULT_CHUNK, chosen))
 
 
@@ -101,6 +103,7 @@ class Limits:
     max_buffer: int
     memory: int | None           # bytes the device holds, where known (a CPU adapter: the host's memory)
     device: str                  # what the limits describe, for the printout
+    textures: bool = False       # the kernels read the KV cache through a texture copy (a CPU device)
 
 
 def device_limits() -> Limits:
@@ -115,7 +118,7 @@ def device_limits() -> Limits:
         return Limits(binding, WEBGPU_MAX_BUFFER, None, "no GPU adapter opened: WebGPU's guaranteed limits")
     cpu = dev.adapter_type == "CPU"
     return Limits(dev.max_binding, int(dev.limits["max-buffer-size"]), host_memory() if cpu else None,
-                  f"{dev.name}, {dev.adapter_type} adapter, {dev.backend}")
+                  f"{dev.name}, {dev.adapter_type} adapter, {dev.backend}", dev.layout == "cpu")
 
 
 # ---------------------------------------------------------------- the plan
@@ -190,7 +193,8 @@ class MemoryPlan:
                          if params >= size or unit == "")
             tied = " +tied head" if kind == "embeddings" and self.tied else ""
             out.append(row(f"{kind} {fmt}: {len(ws)}{tied}, {count} params", sum(w.nbytes for w in ws), 4))
-        out.append(row(f"KV cache f32, context {self.cache.context}", self.cache_bytes))
+        copies = " (buffer + texture copy)" if self.limits.textures else ""
+        out.append(row(f"KV cache f32{copies}, context {self.cache.context}", self.cache_bytes))
         for c in self.caches:
             out.append(row(f"{c.kind}: {c.layers} layers x K,V {list(c.shape)}", c.nbytes, 4))
         out.append(row(f"activations, prefill chunk of {self.cache.chunk}", self.activations))
@@ -308,7 +312,9 @@ def _weights(g: Graph, dtype: tuple[str, int], quantize: str | None, max_binding
     return out, tied
 
 
-def _caches(g: Graph, cache: KVCache, max_binding: int, problems: list[str]) -> list[Caches]:
+def _caches(g: Graph, cache: KVCache, limits: Limits, problems: list[str]) -> list[Caches]:
+    """The KV caches by kind and shape, each counted once per copy the device holds."""
+    max_binding = limits.max_binding
     groups: dict[tuple[str, tuple], list[int]] = {}
     for n in g.nodes:
         if n.op == "state":
@@ -318,7 +324,8 @@ def _caches(g: Graph, cache: KVCache, max_binding: int, problems: list[str]) -> 
                                 f"the storage binding limit of {max_binding} bytes")
             kind = "full" if n.shape[0] == cache.context else "sliding"
             groups.setdefault((kind, tuple(n.shape)), []).append(nbytes)
-    return [Caches(kind, len(sizes) // 2, shape, sum(sizes)) for (kind, shape), sizes in groups.items()]
+    copies = 2 if limits.textures else 1
+    return [Caches(kind, len(sizes) // 2, shape, copies * sum(sizes)) for (kind, shape), sizes in groups.items()]
 
 
 class _Planner:
@@ -341,13 +348,14 @@ class _Planner:
             self.limit, self.limit_from = None, "WebGPU does not report GPU memory; give --memory-limit"
 
     def __call__(self, quantize: str | None, context: int | None) -> MemoryPlan:
-        cache = choose_cache(self.family, self.cfg, context, self.chunk, self.limits.max_binding)
+        cache = choose_cache(self.family, self.cfg, context, self.chunk, self.limits.max_binding,
+                             2 if self.limits.textures else 1)
         g = Graph()
         logits = self.family.build_graph(g, self.cfg, cache=cache, last_only=True)
         g.set_outputs({"logits": logits, "next_token": g.argmax(logits)})
         problems: list[str] = []
         weights, tied = _weights(g, self.dtype, quantize, self.limits.max_binding, problems)
-        caches = _caches(g, cache, self.limits.max_binding, problems)
+        caches = _caches(g, cache, self.limits, problems)
         activations = sum(plan_arena(g, {}, cache.chunk).slot_sizes)
         return MemoryPlan(self.name, self.cfg.model_type, self.dtype[0], quantize, cache, weights, caches,
                           activations, self.limits, self.limit, self.limit_from, tied, problems, self)

@@ -88,11 +88,12 @@ class Model:
         return self._decoder
 
     def _cache(self, context: int | None, chunk: int | None) -> KVCache:
-        max_binding = None
+        max_binding, copies = None, 1
         if self.backend == "wgpu":
             from .backend.device import open_device
-            max_binding = open_device().max_binding
-        return choose_cache(self.family, self.config, context, chunk, max_binding)
+            dev = open_device()
+            max_binding, copies = dev.max_binding, 2 if dev.layout == "cpu" else 1
+        return choose_cache(self.family, self.config, context, chunk, max_binding, copies)
 
     # -- scoring
     def logits(self, ids, start_pos: int = 0) -> np.ndarray:

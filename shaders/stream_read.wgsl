@@ -2,8 +2,9 @@
 // and one word written per invocation. The fastest access pattern differs by device (adjacent lanes on
 // adjacent elements on a GPU; long runs per core on a CPU device such as lavapipe), so the pattern is a
 // parameter: `index(r)` is the element an invocation reads in its r-th of PER reads. UNROLL reads per
-// loop trip go to independent accumulators, so no add waits on the previous one.
-@group(0) @binding(0) var<storage, read> data: array<${elem}>;
+// loop trip go to independent accumulators, so no add waits on the previous one. The data is a storage
+// buffer or a texture of the same bytes (`load(i)`: element i), as the device's kernels may read either.
+${data}
 @group(0) @binding(1) var<storage, read_write> sink: array<${scalar}>;
 
 const PER: u32 = ${per_thread}u;

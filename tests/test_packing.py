@@ -112,7 +112,7 @@ def read_back(prog, name):
     wb = runner.params[name]
     node = prog.graph[prog.graph.leaves("parameter")[name]]
     row = int(np.prod(node.shape[1:], dtype=np.int64)) * (4 if wb.dtype == "f32" else 2)
-    return [bytes(runner.gpu.queue.read_buffer(buf))[:(r1 - r0) * row] for (r0, r1), buf in zip(wb.windows, wb.buffers)]
+    return [runner.read_weight(name, i)[:(r1 - r0) * row] for i, (r0, r1) in enumerate(wb.windows)]
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
@@ -203,7 +203,7 @@ def test_runner_binds_a_dict_of_members_directly():
     runner = WgpuRunner(qkv_graph())
     runner.bind_weights({**w, **b})
     assert runner.params["qkv_bias"].dtype == "f32"
-    got = np.frombuffer(runner.gpu.queue.read_buffer(runner.params["qkv_bias"].buffers[0]), np.float32)[:N]
+    got = np.frombuffer(runner.read_weight("qkv_bias"), np.float32)[:N]
     np.testing.assert_array_equal(got, np.concatenate(list(b.values())))
     with pytest.raises(ValueError, match=r"^missing weight v\.bias$"):
         WgpuRunner(qkv_graph()).bind_weights({n: a for n, a in {**w, **b}.items() if n != "v.bias"})

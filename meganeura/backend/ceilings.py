@@ -13,22 +13,25 @@ import time
 import numpy as np
 
 from .device import Device, open_device
-from .kernels import render
+from .kernels import TEXEL_ROW, render
 
 WG = 256
 TARGET_S = 0.05              # the least time a timed batch of dispatches runs: timer and submit noise stay small
 
-# name -> (element, scalar, combine, index of read r, reads per loop trip)
+# name -> (element, scalar, combine, index of read r, reads per loop trip, read through a texture)
 READ_PATTERNS = {
     # lane i reads element r * invocations + i: adjacent lanes on adjacent elements (coalesced on a GPU)
-    "strided-vec4f32": ("vec4<f32>", "f32", "+", "r * invocations + invocation", 1),
+    "strided-vec4f32": ("vec4<f32>", "f32", "+", "r * invocations + invocation", 1, False),
     # each invocation reads its own contiguous run
-    "contiguous-vec4f32": ("vec4<f32>", "f32", "+", "invocation * PER + r", 1),
+    "contiguous-vec4f32": ("vec4<f32>", "f32", "+", "invocation * PER + r", 1, False),
     # the strided pattern through integer loads (no float unpacking or adds on the way)
-    "strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1),
+    "strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1, False),
     # a workgroup reads one contiguous block, its lanes adjacent: one long run per CPU core on lavapipe
-    "block-vec4f32": ("vec4<f32>", "f32", "+", "(group * PER + r) * WG + lane", 4),
-    "block-vec4u32": ("vec4<u32>", "u32", "^", "(group * PER + r) * WG + lane", 4),
+    "block-vec4f32": ("vec4<f32>", "f32", "+", "(group * PER + r) * WG + lane", 4, False),
+    "block-vec4u32": ("vec4<u32>", "u32", "^", "(group * PER + r) * WG + lane", 4, False),
+    # texels (16 bytes) of a texture holding the same bytes, as kernels read weights on a CPU device
+    "texture-strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1, True),
+    "texture-contiguous-vec4u32": ("vec4<u32>", "u32", "^", "invocation * PER + r", 1, True),
 }
 FMA_CHAINS = (8, 16, 32)     # independent vec4 chains per invocation (the ILP variants)
 
@@ -60,7 +63,8 @@ def _kernel(gpu, source: str, buffers):
     module = gpu.create_shader_module(code=source)
     pipe = gpu.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
     group = gpu.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=[
-        {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in enumerate(buffers)])
+        {"binding": i, "resource": b.create_view() if hasattr(b, "create_view") else
+         {"buffer": b, "offset": 0, "size": b.size}} for i, b in enumerate(buffers)])
     return pipe, group
 
 
@@ -94,21 +98,38 @@ def stream_read(device: Device | None = None, nbytes: int = 256 << 20) -> dict[s
     nbytes = min(nbytes, dev.max_binding) // (invocations * 16 * 4) * (invocations * 16 * 4)
     per = nbytes // 16 // invocations
     u = wgpu.BufferUsage
-    data = gpu.create_buffer(size=nbytes, usage=u.STORAGE | u.COPY_DST)
+    data = gpu.create_buffer(size=nbytes, usage=u.STORAGE | u.COPY_DST | u.COPY_SRC)
     # Written with data, not left zero: on a CPU device untouched zero pages may all share one physical
     # page, and reading them would measure a cache instead of memory.
     piece = np.arange(min(nbytes, 32 << 20) // 4, dtype=np.uint32)
     for at in range(0, nbytes, piece.nbytes):
         gpu.queue.write_buffer(data, at, piece[:(nbytes - at) // 4])
     sink = gpu.create_buffer(size=invocations * 4, usage=u.STORAGE | u.COPY_SRC)
+    texture = None
+    if any(pattern[-1] for pattern in READ_PATTERNS.values()):
+        texture = gpu.create_texture(size=(TEXEL_ROW, nbytes // (16 * TEXEL_ROW), 1),
+                                     format=wgpu.TextureFormat.rgba32uint,
+                                     usage=wgpu.TextureUsage.TEXTURE_BINDING | wgpu.TextureUsage.COPY_DST)
+        enc = gpu.create_command_encoder()
+        enc.copy_buffer_to_texture({"buffer": data, "offset": 0, "bytes_per_row": 16 * TEXEL_ROW,
+                                    "rows_per_image": texture.size[1]}, {"texture": texture}, texture.size)
+        gpu.queue.submit([enc.finish()])
     variants = {}
-    for name, (elem, scalar, op, index, unroll) in READ_PATTERNS.items():
+    for name, (elem, scalar, op, index, unroll, textured) in READ_PATTERNS.items():
         declare, _, total = _chains(unroll, "{kind}()", "", op, elem)
-        body = "\n".join(f"        a{j} = a{j} {op} data[index(r + {j}u, gid.x, lane, wid.x, invocations)];"
+        body = "\n".join(f"        a{j} = a{j} {op} load(index(r + {j}u, gid.x, lane, wid.x, invocations));"
                          for j in range(unroll))
-        source = render("stream_read", elem=elem, scalar=scalar, per_thread=per, wg=WG, index=index,
+        if textured:
+            source = ("@group(0) @binding(0) var data: texture_2d<u32>;\n"
+                      f"fn load(i: u32) -> vec4<u32> {{ return textureLoad(data, vec2<u32>(i % {TEXEL_ROW}u, "
+                      f"i / {TEXEL_ROW}u), 0); }}")
+        else:
+            source = (f"@group(0) @binding(0) var<storage, read> data: array<{elem}>;\n"
+                      f"fn load(i: u32) -> {elem} {{ return data[i]; }}")
+        source = render("stream_read", data=source, elem=elem, scalar=scalar, per_thread=per, wg=WG, index=index,
                         declare=declare, body=body, unroll=unroll, reduce=_horizontal(f"({total})", op))
-        variants[name] = _kernel(gpu, source, [data, sink]) + (invocations // WG, nbytes / 1e9)
+        variants[name] = _kernel(gpu, source, [texture if textured else data, sink]) + (invocations // WG,
+                                                                                      nbytes / 1e9)
     return _best_rates(gpu, variants, sink, rounds=3)
 
 

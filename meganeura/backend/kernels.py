@@ -37,6 +37,7 @@ class Binding:
     packs: bool = False   # read as packs of 8 elements (`pack_<name>(i)`: elements 8i..8i+7), see stream.wgsl
     group: int = 0        # q8/q4: elements per scale
     scales_at: int = 0    # q8/q4: the word where the scale plane begins
+    texture: bool = False  # read through a texture (see TEXEL_ROW) rather than a storage buffer
 
 
 @dataclass
@@ -105,6 +106,9 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
         out.insert(0, "enable f16;")
     for slot, b in enumerate(bindings, start=1):
         access = "read_write" if b.write else "read"
+        if b.texture:
+            out += _declare_texture(slot, b)
+            continue
         if b.dtype in QUANTIZED:
             out += _declare_quantized(slot, b)
             continue
@@ -120,14 +124,55 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
             "f32": f"return {b.name}[i];",
             "u32": f"return f32({b.name}[i]);",
             "i32": f"return f32({b.name}[i]);",
-            # bf16 is the top half of an f32: shift it into place (exact).
-            "bf16": f"let w = {b.name}[i >> 1u]; "
-                    f"return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));",
+            "bf16": f"let w = {b.name}[i >> 1u]; {BF16_SELECT}",
             "f16": f"return f32({b.name}[i]);" if has_f16 else
                    f"let v = unpack2x16float({b.name}[i >> 1u]); return select(v.x, v.y, (i & 1u) == 1u);",
         }[b.dtype]
         out.append(f"fn load_{b.name}(i: u32) -> f32 {{ {body} }}")
     return "\n".join(out)
+
+
+# A texture holds a buffer's bytes in order, 16 to a texel (rgba32uint), TEXEL_ROW texels to a row: texel t
+# is at (t % TEXEL_ROW, t / TEXEL_ROW). Lavapipe fetches texels with plain vector loads but reads a storage
+# buffer one lane at a time behind a branch, so on a CPU device weights and the activations a GEMM streams
+# are read through textures (several times faster, see benches/stream_read in meganeura.backend.ceilings).
+TEXEL_ROW = 4096
+
+
+def _declare_texture(slot: int, b: Binding) -> list[str]:
+    """A read-only texture binding, `texel_<name>(t)` and `word_<name>(j)` (u32 word j), and the accessors a
+    storage binding of the same dtype has, read through them."""
+    name, shift = b.name, TEXEL_ROW.bit_length() - 1
+    texel, word = f"texel_{name}", f"word_{name}"
+    out = [f"@group(0) @binding({slot}) var {name}: texture_2d<u32>;",
+           f"fn {texel}(t: u32) -> vec4<u32> {{ return textureLoad({name}, vec2<u32>(t & {TEXEL_ROW - 1}u, "
+           f"t >> {shift}u), 0); }}",
+           f"fn {word}(j: u32) -> u32 {{ return {texel}(j >> 2u)[j & 3u]; }}"]
+    if b.dtype in QUANTIZED:
+        return out + _quantized_accessors(b, lambda j: f"{word}({j})",
+                                          lambda i: f"{texel}({i} >> 1u)[2u * ({i} & 1u) + {{c}}u]")
+    if b.packs:
+        if b.dtype == "f32":
+            return out + [f"fn pack_{name}(i: u32) -> Pack {{ return Pack(bitcast<vec4<f32>>({texel}(2u * i)), "
+                          f"bitcast<vec4<f32>>({texel}(2u * i + 1u)), 1.0); }}"]
+        return out + [f"fn pack_{name}(i: u32) -> Pack {{ let q = {texel}(i); return {PACK_UNPACK[b.dtype]}; }}"]
+    body = {"f32": f"return bitcast<f32>({word}(i));",
+            "u32": f"return f32({word}(i));",
+            "i32": f"return f32(bitcast<i32>({word}(i)));",
+            "bf16": f"let w = {word}(i >> 1u); {BF16_SELECT}",
+            "f16": f"let v = unpack2x16float({word}(i >> 1u)); return select(v.x, v.y, (i & 1u) == 1u);"}[b.dtype]
+    return out + [f"fn load_{name}(i: u32) -> f32 {{ {body} }}"]
+
+
+# A 16-byte word of 8 bf16 or f16 elements `q` as a Pack (the low half of each word is the even element).
+PACK_UNPACK = {
+    "bf16": ("Pack(bitcast<vec4<f32>>(vec4<u32>(q.x << 16u, q.x & 0xffff0000u, q.y << 16u, q.y & 0xffff0000u)), "
+             "bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u)), 1.0)"),
+    "f16": ("Pack(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), "
+            "vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)), 1.0)"),
+}
+# bf16 is the top half of an f32: element i of word w, shifted into place (exact).
+BF16_SELECT = "return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));"
 
 
 def _declare_packs(slot: int, b: Binding) -> list[str]:
@@ -136,38 +181,38 @@ def _declare_packs(slot: int, b: Binding) -> list[str]:
     if b.dtype == "f32":
         return [f"@group(0) @binding({slot}) var<storage, read> {name}: array<vec4<f32>>;",
                 f"fn pack_{name}(i: u32) -> Pack {{ return Pack({name}[2u * i], {name}[2u * i + 1u], 1.0); }}"]
-    if b.dtype == "bf16":       # the low half of each word is the even element
-        unpack = ("Pack(bitcast<vec4<f32>>(vec4<u32>(q.x << 16u, q.x & 0xffff0000u, q.y << 16u, q.y & 0xffff0000u)), "
-                  "bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u)), 1.0)")
-    elif b.dtype == "f16":
-        unpack = ("Pack(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), "
-                  "vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)), 1.0)")
-    else:
+    if b.dtype not in PACK_UNPACK:
         raise ValueError(f"no packed loads for {b.dtype}")
     return [f"@group(0) @binding({slot}) var<storage, read> {name}: array<vec4<u32>>;",
-            f"fn pack_{name}(i: u32) -> Pack {{ let q = {name}[i]; return {unpack}; }}"]
+            f"fn pack_{name}(i: u32) -> Pack {{ let q = {name}[i]; return {PACK_UNPACK[b.dtype]}; }}"]
 
 
 QUANTIZED = ("q8", "q4")
 
 
 def _declare_quantized(slot: int, b: Binding) -> list[str]:
-    """A quantized weight's words (quant plane, then f16 scales at word `scales_at`), its scale per group,
-    and `load_<name>(i)` or, for packs, `pack_<name>(i)` (a group holds whole packs: 8 | group)."""
+    """A quantized weight's words in a storage binding, and its accessors (`_quantized_accessors`)."""
+    return [f"@group(0) @binding({slot}) var<storage, read> {b.name}: array<u32>;",
+            *_quantized_accessors(b, lambda j: f"{b.name}[{j}]", lambda i: f"{b.name}[2u * {i} + {{c}}u]")]
+
+
+def _quantized_accessors(b: Binding, word, pair) -> list[str]:
+    """A quantized weight (quant plane, then f16 scales at word `scales_at`): its scale per group and
+    `load_<name>(i)` or, for packs, `pack_<name>(i)` (a group holds whole packs: 8 | group). `word(j)` is
+    the expression of u32 word j, `pair(i)` that of word 2i + {c} (c = 0, 1)."""
     name, g = b.name, b.group
-    out = [f"@group(0) @binding({slot}) var<storage, read> {name}: array<u32>;",
-           f"fn scale_{name}(g: u32) -> f32 {{ let v = unpack2x16float({name}[{b.scales_at}u + (g >> 1u)]); "
+    out = [f"fn scale_{name}(g: u32) -> f32 {{ let v = unpack2x16float({word(f'{b.scales_at}u + (g >> 1u)')}); "
            f"return select(v.x, v.y, (g & 1u) == 1u); }}"]
     if b.dtype == "q8":
         # A byte shifted to the top of the word, then arithmetically back down: its sign extended.
-        load = f"f32(bitcast<i32>({name}[i >> 2u] << (24u - 8u * (i & 3u))) >> 24u)"
+        load = f"f32(bitcast<i32>({word('i >> 2u')} << (24u - 8u * (i & 3u))) >> 24u)"
         word4 = "vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u))"
-        pack = (f"var q = {name}[2u * i]; let lo = {word4}; q = {name}[2u * i + 1u]; "
+        pack = (f"var q = {pair('i').format(c=0)}; let lo = {word4}; q = {pair('i').format(c=1)}; "
                 f"return Pack(lo, {word4}, scale_{name}(i / {g // 8}u));")
     else:
-        load = f"(f32(({name}[i >> 3u] >> (4u * (i & 7u))) & 15u) - 8.0)"
+        load = f"(f32(({word('i >> 3u')} >> (4u * (i & 7u))) & 15u) - 8.0)"
         nibbles = "(vec4<f32>((vec4<u32>(q) >> vec4<u32>({})) & vec4<u32>(15u)) - 8.0)"
-        pack = (f"let q = {name}[i]; return Pack({nibbles.format('0u, 4u, 8u, 12u')}, "
+        pack = (f"let q = {word('i')}; return Pack({nibbles.format('0u, 4u, 8u, 12u')}, "
                 f"{nibbles.format('16u, 20u, 24u, 28u')}, scale_{name}(i / {g // 8}u));")
     out.append(f"fn pack_{name}(i: u32) -> Pack {{ {pack} }}" if b.packs else
                f"fn load_{name}(i: u32) -> f32 {{ return {load} * scale_{name}(i / {g}u); }}")
@@ -200,11 +245,13 @@ class Context:
     param_windows: Callable[[str], list[tuple[int, int]]]  # parameter name -> row windows
     rope_key: Callable[[Node], int]
     param_quant: Callable[[str, int], tuple[int, int]] = lambda name, window: (0, 0)   # -> (group, scales_at)
+    textures: bool = False                               # weights, and activations streamed, in textures
 
     def weight(self, name: str, pname: str, window: int = 0) -> Binding:
         """Binding `name` for window `window` of parameter `pname`."""
         group, scales_at = self.param_quant(pname, window)
-        return Binding(name, Ref("param", pname, window), self.param_dtype(pname), group=group, scales_at=scales_at)
+        return Binding(name, Ref("param", pname, window), self.param_dtype(pname), group=group, scales_at=scales_at,
+                       texture=self.textures)
 
     def value(self, node_id: int, name: str) -> Binding:
         """Binding for an op input: a weight (whole; windowed ones are handled by their consumer) or an
@@ -568,13 +615,12 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
     largest = max(hi for (_, hi), _, _ in variants)
     kernels = [replace(t, tokens=(largest + 1, math.inf)) for t in tiled] if largest < math.inf else []
     parts = [*(act_fn(act) if act else ()), TANH if softcap is not None else ""]
-    if norm_w is not None:
-        parts.append("fn norm_pack(p: u32) -> Pack { let b = p * 8u; return Pack("
-                     "vec4<f32>(load_nw(b), load_nw(b + 1u), load_nw(b + 2u), load_nw(b + 3u)), "
-                     "vec4<f32>(load_nw(b + 4u), load_nw(b + 5u), load_nw(b + 6u), load_nw(b + 7u)), 1.0); }")
+    # The activations and the norm weight (streamed with them) are read in packs too.
+    shared = [replace(shared[0], packs=True, texture=ctx.textures),
+              *(replace(b, packs=True) if b.name == "nw" else b for b in shared[1:])]
     for i, (r0, r1) in enumerate(windows):
         n = (r1 - r0) // 2 if act else r1 - r0
-        bindings = [replace(shared[0], packs=True), replace(w_binding(i), packs=True), *shared[1:], out]
+        bindings = [shared[0], replace(w_binding(i), packs=True), *shared[1:], out]
         for tokens, rows, token_block in variants:
             kernels.append(_stream_kernel(ctx, label, bindings, parts, x, k, n, r0, tokens, rows, token_block,
                                           epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
@@ -594,7 +640,7 @@ def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: i
     body = [f"            let w{r} = pack_w(min(n0 + {r}u, N - 1u) * PACKS + p);" for r in R]
     body += [f"            let u{r} = pack_w((min(n0 + {r}u, N - 1u) + N) * PACKS + p);" for r in R] * gated
     if weighted:
-        body.append("            let nw = norm_pack(p);")
+        body.append("            let nw = pack_nw(p);")
     for t in T:
         body.append(f"            let raw{t} = pack_a(min(m0 + {t}u, M - 1u) * PACKS + p);")
         if norm is not None:
@@ -725,7 +771,7 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     q, k, v = (ctx.graph[j] for j in inputs[:3])
     nh, nkv, d = a["heads"], a["kv_heads"], a["head_dim"]
     norms, extra = a["norms"], list(inputs[3:])
-    bindings = [ctx.value(inputs[0], "q"), ctx.value(inputs[1], "k"), ctx.value(inputs[2], "v")]
+    bindings = [replace(ctx.value(j, name), texture=ctx.textures) for j, name in zip(inputs, "qkv")]
     rms = "1.0 / sqrt({} / f32(D) + EPS)"
     q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
     if norms & 1:
@@ -768,14 +814,79 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
                 k_row=_row_width(k), v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"],
                 q_rms=q_rms, q_elem=q_elem, k_rms=k_rms, k_elem=k_elem, q_value=q_value, k_value=k_value,
                 v_rms=v_rms, v_value=v_value, scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap)
+    splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if cached else 1
+    if ctx.layout == "cpu" and d % 4 == 0 and all(x % 4 == 0 for x in (_row_width(k), _row_width(v), a["k_at"],
+                                                                      a["v_at"])):
+        return _attend_lanes(ctx, node_id, label, bindings, a, splits, subs)
     normalise = f"    for (var d = li; d < D; d = d + WG) {{ out[(i * {nh}u + h) * D + d] = acc[d] / l_run; }}"
     whole = _kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1), key_range="",
                     epilogue=normalise, **subs)
-    splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if cached else 1
     if splits < 2:
         return [whole]
     return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)),
             *_split_attention(ctx, node_id, label, bindings, nh, d, splits, subs)]
+
+
+def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict) -> list[Kernel]:
+    """attention_lanes.wgsl: the same attention (and split records) with a lane per (query, head, split)."""
+    nh, d, norms = a["heads"], a["head_dim"], a["norms"]
+    rms = "1.0 / sqrt({} / f32(D) + EPS)"
+    q_rms = ""
+    if norms & 1:
+        q_rms = ("var q_ss = 0.0;\n    for (var d = 0u; d < D; d = d + 1u) { let x = load_q(q_base + d); "
+                 f"q_ss = q_ss + x * x; }}\n    rq = {rms.format('q_ss')};")
+    q_elem = "return load_q(q_base + d) * r" + " * load_q_norm(d)" * bool(norms & 1) + ";"
+    k_elem = "return load_k(k_base + d) * r" + " * load_k_norm(d)" * bool(norms & 2) + ";"
+    rotate_k = a["rope"] is not None and not a["cached"]
+    q_value = "rotate(q_elem(q_base, d, r), q_elem(q_base, partner(d), r), i, d)" if a["rope"] is not None \
+        else "q_elem(q_base, d, r)"
+    k_value = "rotate(k_elem(k_base, d, r), k_elem(k_base, partner(d), r), j, d)" if rotate_k \
+        else "k_elem(k_base, d, r)"
+    if norms & 2 or rotate_k:       # keys computed element by element
+        score = ["        var rk = 1.0;"]
+        if norms & 2:
+            score.append("        var k_ss = 0.0;\n        for (var d = 0u; d < D; d = d + 1u) "
+                         f"{{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }}\n        rk = {rms.format('k_ss')};")
+        score.append("        for (var c = 0u; c < D / 4u; c = c + 1u) { let d = 4u * c; dot4 = fma(q[c], vec4<f32>("
+                     "k_value(k_base, d, rk, j), k_value(k_base, d + 1u, rk, j), k_value(k_base, d + 2u, rk, j), "
+                     "k_value(k_base, d + 3u, rk, j)), dot4); }")
+    else:
+        score = ["        for (var c = 0u; c < D / 4u; c = c + 1u) { dot4 = fma(q[c], k4(k_base / 4u + c), dot4); }"]
+    v_rms = ""
+    if norms & 4:
+        v_rms = ("var v_ss = 0.0;\n        for (var c = 0u; c < D / 4u; c = c + 1u) { let x = v4(v_base / 4u + c); "
+                 f"v_ss = v_ss + dot(x, x); }}\n        p = p * {rms.format('v_ss')};")
+    quads = []
+    for name, b in (("k", bindings[1]), ("v", bindings[2])):
+        body = (f"bitcast<vec4<f32>>(texel_{name}(t))" if b.texture else
+                f"vec4<f32>(load_{name}(4u * t), load_{name}(4u * t + 1u), load_{name}(4u * t + 2u), "
+                f"load_{name}(4u * t + 3u))")
+        quads.append(f"fn {name}4(t: u32) -> vec4<f32> {{ return {body}; }}")
+    common = {**subs, "prelude": helpers(subs["prelude"], *quads), "heads": nh, "quads": d // 4, "q_rms": q_rms,
+              "q_elem": q_elem, "q_value": q_value, "k_elem": k_elem, "k_value": k_value, "score": "\n".join(score),
+              "v_rms": v_rms}
+    for key in ("v_value", "k_rms"):
+        common.pop(key)
+
+    def stores(out: str, at: str, scale: str) -> str:
+        return ("    for (var c = 0u; c < D / 4u; c = c + 1u) {\n"
+                f"        let a = acc[c]{scale}; let o = {at} + 4u * c;\n"
+                f"        {out}[o] = a.x; {out}[o + 1u] = a.y; {out}[o + 2u] = a.z; {out}[o + 3u] = a.w;\n    }}")
+
+    lanes = lambda per_query: lambda s: grid_1d(s * per_query, 64)
+    whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, key_range="",
+                    epilogue=stores("out", "(i * HEADS + h) * D", " / l_run"), **common)
+    if splits < 2:
+        return [whole]
+    record = d + 2
+    scratch = Ref("scratch", node_id, nh * splits * record * 4)
+    epilogue = (f"    let rec = ((i * HEADS + h) * SPLITS + z) * {record}u;\n    part[rec] = m_run; part[rec + 1u] = l_run;\n"
+                + stores("part", "rec + 2u", ""))
+    partials = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [Binding("part", scratch, "f32", write=True)],
+                       lanes(nh * splits), splits=splits, key_range=_split_range(splits, "z"), epilogue=epilogue,
+                       **common)
+    return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
+            _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
 
 
 # Split-KV attention (flash-decoding) for steps of up to SPLIT_TOKENS tokens over a cache: each query's
@@ -791,18 +902,29 @@ def _split_attention(ctx, node_id, label, bindings, nh: int, d: int, splits: int
     (query, head, split) to scratch, then a rowreduce pass per (query, head) that merges them."""
     record = d + 2
     scratch = Ref("scratch", node_id, nh * splits * record * 4)       # bytes per token
-    # Equal shares of the keys the query sees (known only at run time: they grow with step.start), rounded
-    # up to whole blocks of the template's 64 keys: as few blocks in all as one pass would visit, and no
-    # split has more. Late shares may be empty (lo == hi): their partial is neutral (m = -3e38, l = 0)
-    # and weighs nothing in the merge. A KEYS_PER_SPLIT below 64 rounds to itself (short caches split too).
-    align = min(64, KEYS_PER_SPLIT)
-    key_range = (f"let share = ((hi - lo + {splits - 1}u) / {splits}u + {align - 1}u) / {align}u * {align}u;\n"
-                 f"    lo = min(hi, lo + wg.z * share);\n    hi = min(hi, lo + share);")
+    key_range = _split_range(splits, "wg.z")
     epilogue = (f"    let rec = ((i * {nh}u + h) * {splits}u + wg.z) * {record}u;\n"
                 "    if (li == 0u) { part[rec] = m_run; part[rec + 1u] = l_run; }\n"
                 "    for (var d = li; d < D; d = d + WG) { part[rec + 2u + d] = acc[d]; }")
     partials = _kernel(ctx, f"{label}_split", "attention", bindings + [Binding("part", scratch, "f32", write=True)],
                        lambda s: (nh, s, splits), key_range=key_range, epilogue=epilogue, **subs)
+    return [replace(partials, tokens=(1, SPLIT_TOKENS)), _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
+
+
+def _split_range(splits: int, split: str) -> str:
+    """Narrow lo..hi to share `split` of `splits`: equal shares of the keys the query sees (known only at
+    run time: they grow with step.start), rounded up to whole blocks of attention.wgsl's 64 keys: as few
+    blocks in all as one pass would visit, and no split has more. Late shares may be empty (lo == hi):
+    their partial is neutral (m = -3e38, l = 0) and weighs nothing in the merge. A KEYS_PER_SPLIT below 64
+    rounds to itself (short caches split too)."""
+    align = min(64, KEYS_PER_SPLIT)
+    return (f"let share = ((hi - lo + {splits - 1}u) / {splits}u + {align - 1}u) / {align}u * {align}u;\n"
+            f"    lo = min(hi, lo + {split} * share);\n    hi = min(hi, lo + share);")
+
+
+def _combine_splits(ctx, node_id, label, scratch: Ref, nh: int, d: int, splits: int) -> Kernel:
+    """A rowreduce pass per (query, head) merging its split partials (m, l, acc[d]) into the output."""
+    record = d + 2
     body = f"""    // This (query, head)'s partials: {splits} records of [m, l, acc[{d}]], rescaled to their common max.
     let rec = row * {splits * record}u;
     var mx = -3.0e38;
@@ -820,7 +942,7 @@ def _split_attention(ctx, node_id, label, bindings, nh: int, d: int, splits: int
     }}"""
     combine = _kernel(ctx, f"{label}_combine", "rowreduce", [Binding("part", scratch, "f32"), _out(node_id)],
                       lambda s: grid_1d(s * nh, 1), rows=f"(step.S * {nh}u)", width=d, body=body)
-    return [replace(k, tokens=(1, SPLIT_TOKENS)) for k in (partials, combine)]
+    return replace(combine, tokens=(1, SPLIT_TOKENS))
 
 
 def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:

@@ -80,15 +80,17 @@ class Profiler:
         node_of = {id(k): i for i, ks in runner.kernels.items() for k in ks}
         step_kernels = [k for _, _, k in runner.dispatches if k.runs_for(tokens)]      # encoding's order
         self._buffers(2 * len(encoding))
-        for n, (pipe, group, grid) in enumerate(encoding):
+        for n, d in enumerate(encoding):
+            for j in d.mirrors:
+                runner._mirror(enc, j, tokens, start_pos)
             q = 2 * n
             cp = enc.begin_compute_pass(timestamp_writes={
                 "query_set": self.sets[q // QUERIES_PER_SET],
                 "beginning_of_pass_write_index": q % QUERIES_PER_SET,
                 "end_of_pass_write_index": q % QUERIES_PER_SET + 1})
-            cp.set_pipeline(pipe)
-            cp.set_bind_group(0, group)
-            cp.dispatch_workgroups(*grid)
+            cp.set_pipeline(d.pipeline)
+            cp.set_bind_group(0, d.group)
+            cp.dispatch_workgroups(*d.grid)
             cp.end()
         queries = 2 * len(encoding)
         for s in range(-(-queries // QUERIES_PER_SET)):
@@ -97,7 +99,7 @@ class Profiler:
         if queries:        # every set but the last is full, so the step's queries lie back to back
             enc.copy_buffer_to_buffer(self.resolved, 0, self.readback, 0, queries * 8)
         kernels = []
-        for k, (_, _, grid) in zip(step_kernels, encoding):
+        for k, (_, _, grid, _) in zip(step_kernels, encoding):
             node = node_of[id(k)]
             kernels.append((node, runner.graph[node].op, k.label, tuple(int(g) for g in grid)))
         self.pending = (kernels, tokens, start_pos, time.perf_counter())

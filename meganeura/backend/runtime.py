@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,7 +14,7 @@ from .. import quant, reference
 from ..graph import Graph, Node
 from ..weights import Binding as WeightBinding, Checkpoint, from_dict, load_f32, load_rows, plan as plan_weights
 from .device import Device, open_device
-from .kernels import Context, Kernel, Ref, lower, numel_at
+from .kernels import TEXEL_ROW, Context, Kernel, Ref, lower, numel_at
 from .plan import ArenaPlan, base_of, padded, plan_arena, weight_windows
 
 STORED = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
@@ -23,11 +24,23 @@ CHUNK = 32 << 20          # upload granularity: bounds the host memory an upload
 @dataclass
 class WeightBuffers:
     dtype: str                              # f32 / bf16 / f16 / q8 / q4 as stored on the GPU
-    windows: list[tuple[int, int]]          # row ranges along axis 0, one buffer each
+    windows: list[tuple[int, int]]          # row ranges along axis 0, one buffer (or texture) each
     buffers: list
     fmt: quant.Format | None = None         # q8/q4: the format, elements per scale, and each window's
     group: int = 0                          # scale-plane word
     scales_at: tuple[int, ...] = ()
+
+
+class Dispatch(NamedTuple):
+    """One dispatch of a step, and the values copied into their textures just before it."""
+    pipeline: object
+    group: object
+    grid: tuple[int, int, int]
+    mirrors: tuple[int, ...]                # values (base nodes) to mirror first (`WgpuRunner._mirror`)
+
+
+TEXEL = 16                                  # bytes per rgba32uint texel
+ROW_BYTES = TEXEL_ROW * TEXEL
 
 
 class _Progress:
@@ -92,6 +105,7 @@ class WgpuRunner:
         self.arena: ArenaPlan | None = None
         self.rope_tables: dict[tuple, int] = {}
         self.states: dict[str, object] = {}        # persistent tensors (KV caches), kept across steps
+        self.state_textures: dict[str, object] = {}  # their copies as textures, where kernels read them so
         self.profiler = None                        # a profile.Profiler times each dispatch while attached
         self._last: Submission | None = None        # the submit before: its last step's values fill the arena
         self.encode_s = 0.0                         # host seconds spent preparing submits (bench reports it)
@@ -140,6 +154,77 @@ class WgpuRunner:
         u = self.wgpu.BufferUsage
         return self.gpu.create_buffer(size=padded(nbytes), usage=u.STORAGE | u.COPY_DST | u.COPY_SRC)
 
+    @property
+    def textures(self) -> bool:
+        """Weights, and the activations a GEMM streams, are read through textures on a CPU device."""
+        return self.dev.layout == "cpu"
+
+    def _new_texture(self, nbytes: int):
+        """A texture of at least `nbytes` bytes laid out as kernels.TEXEL_ROW texels to a row."""
+        texels = padded(nbytes) // TEXEL
+        u = self.wgpu.TextureUsage
+        return self.gpu.create_texture(size=(min(texels, TEXEL_ROW), -(-texels // TEXEL_ROW), 1),
+                                       format=self.wgpu.TextureFormat.rgba32uint,
+                                       usage=u.TEXTURE_BINDING | u.COPY_DST | u.COPY_SRC)
+
+    def _copy_to_texture(self, enc, buf, texture, begin: int, end: int):
+        """Bytes [begin, end) of `buf` to the same bytes of `texture` (16-byte aligned): the rest of the
+        first texture row, the whole rows, then the start of the last."""
+        t0, t1 = begin // TEXEL, padded(end) // TEXEL
+        while t0 < t1:
+            y, x = divmod(t0, TEXEL_ROW)
+            width, height = min(TEXEL_ROW - x, t1 - t0), 1
+            if x == 0 and t1 - t0 >= TEXEL_ROW:
+                width, height = TEXEL_ROW, (t1 - t0) // TEXEL_ROW
+            enc.copy_buffer_to_texture(
+                {"buffer": buf, "offset": t0 * TEXEL, "bytes_per_row": ROW_BYTES, "rows_per_image": height},
+                {"texture": texture, "origin": (x, y, 0)}, (width, height, 1))
+            t0 += width * height
+
+    def _mirror(self, enc, j: int, tokens: int, start: int):
+        """Copy what a step of `tokens` tokens at `start` wrote to value `j` into its texture: all of an
+        activation; of a KV cache ([slots, ...], position p in slot p mod slots), the step's positions."""
+        node, buf, texture = self.graph[j], self._buffer(Ref("node", j), j), self.mirrors[j]
+        if node.op != "state":
+            self._copy_to_texture(enc, buf, texture, 0, numel_at(node.shape, tokens) * 4)
+            return
+        slots, row = node.shape[0], numel_at(node.shape[1:], 0) * 4
+        first, count = start % slots, min(tokens, slots)
+        if count == slots:
+            first = 0
+        self._copy_to_texture(enc, buf, texture, first * row, min(slots, first + count) * row)
+        if first + count > slots:                   # the positions wrapped round the ring
+            self._copy_to_texture(enc, buf, texture, 0, (first + count - slots) * row)
+
+    def _stored(self, buf):
+        """A weight's uploaded buffer as the device will read it: the buffer, or its bytes moved to a texture."""
+        if not self.textures:
+            return buf
+        texture = self._new_texture(buf.size)
+        enc = self.gpu.create_command_encoder()
+        self._copy_to_texture(enc, buf, texture, 0, buf.size)
+        self.gpu.queue.submit([enc.finish()])
+        return texture
+
+    def held_bytes(self) -> tuple[int, int]:
+        """Device bytes of (the weights, the KV caches with their texture copies), each counted once."""
+        def size(store) -> int:
+            return store.size if isinstance(store.size, int) else store.size[0] * store.size[1] * TEXEL
+
+        weights = {id(b): size(b) for w in self.params.values() for b in w.buffers}
+        caches = [size(b) for b in (*self.states.values(), *self.state_textures.values())]
+        return sum(weights.values()), sum(caches)
+
+    def read_weight(self, name: str, window: int = 0) -> bytes:
+        """The bytes of one window of a weight as the device holds them (for tests and tools)."""
+        store = self.params[name].buffers[window]
+        if not self.textures:
+            return bytes(self.gpu.queue.read_buffer(store))
+        w, h, _ = store.size
+        data = self.gpu.queue.read_texture({"texture": store}, {"bytes_per_row": w * TEXEL, "rows_per_image": h},
+                                           (w, h, 1))
+        return bytes(data)
+
     def _write(self, buf, offset: int, data: np.ndarray, progress=None):
         flat = data.reshape(-1).view(np.uint8)
         for start in range(0, flat.size, CHUNK):
@@ -160,7 +245,7 @@ class WgpuRunner:
         for r0, r1 in windows:
             buf = self._new_buffer(arr[r0:r1].nbytes)
             self._write(buf, 0, arr[r0:r1])
-            bufs.append(buf)
+            bufs.append(self._stored(buf))
         return WeightBuffers("f32", windows, bufs)
 
     def _upload_quantized(self, shape, fmt: quant.Format, planes, progress=None) -> WeightBuffers:
@@ -171,7 +256,7 @@ class WgpuRunner:
             data = fmt.device_bytes(*planes(r0, r1))
             buf = self._new_buffer(data.size)
             self._write(buf, 0, data, progress)
-            bufs.append(buf)
+            bufs.append(self._stored(buf))
             scales_at.append(fmt.scales_at((r1 - r0, *shape[1:])))
         return WeightBuffers(f"q{fmt.bits}", windows, bufs, fmt, fmt.group_of(shape[-1]), tuple(scales_at))
 
@@ -214,7 +299,7 @@ class WgpuRunner:
                 if a < z:
                     out.put(data[a - p0:z - p0])
             out.close()
-            bufs.append(buf)
+            bufs.append(self._stored(buf))
         return WeightBuffers(dtype, windows, bufs)
 
     # -- kernels and arena
@@ -226,7 +311,7 @@ class WgpuRunner:
         ctx = Context(self.graph, self.dev.has_f16, self.dev.has_subgroups, self.dev.layout,
                       lambda n: self.params[n].dtype, lambda n: self.params[n].windows, self._rope_key,
                       lambda n, w: (self.params[n].group, self.params[n].scales_at[w]) if self.params[n].fmt
-                      else (0, 0))
+                      else (0, 0), self.textures)
         self.kernels = {i: lower(ctx, i) for i in range(len(self.graph))}
         self.arena = None
 
@@ -237,6 +322,10 @@ class WgpuRunner:
             wgpu = self.wgpu
             entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
             for slot, b in enumerate(kernel.bindings, start=1):
+                if b.texture:
+                    entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE,
+                                    "texture": {"sample_type": "uint", "view_dimension": "2d"}})
+                    continue
                 kind = "storage" if b.write else "read-only-storage"
                 entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}})
             layout = self.gpu.create_bind_group_layout(entries=entries)
@@ -257,12 +346,25 @@ class WgpuRunner:
         self.rope_buffers = {key: self.gpu.create_buffer(size=padded(capacity * len(inv) * 8),
                                                          usage=u.STORAGE | u.COPY_DST)
                              for (inv, _), key in self.rope_tables.items()}
+        # An activation a kernel reads through a texture is copied there from its slot before the first
+        # such reader of each step runs (`encoding`).
+        self.mirrors = {base_of(self.graph, b.ref.key): None for ks in self.kernels.values() for k in ks
+                        for b in k.bindings if b.texture and b.ref.kind == "node"}
+        for j in self.mirrors:       # a KV cache's texture persists with it, as it holds every step's keys
+            node = self.graph[j]
+            self.mirrors[j] = (self._state(node, texture=True) if node.op == "state" else
+                               self._new_texture(numel_at(node.shape, capacity) * 4))
         self.dispatches = []
         for i, kernels in self.kernels.items():
             for k in kernels:
                 pipe, layout = self._pipeline(k)
                 entries = [{"binding": 0, "resource": {"buffer": self.step, "offset": 0, "size": 16}}]
                 for slot, b in enumerate(k.bindings, start=1):
+                    if b.texture:
+                        store = (self.mirrors[base_of(self.graph, b.ref.key)] if b.ref.kind == "node"
+                                 else self._buffer(b.ref, i))
+                        entries.append({"binding": slot, "resource": store.create_view()})
+                        continue
                     buf = self._buffer(b.ref, i)
                     entries.append({"binding": slot, "resource": {"buffer": buf, "offset": 0, "size": buf.size}})
                 group = self.gpu.create_bind_group(layout=layout, entries=entries)
@@ -274,11 +376,25 @@ class WgpuRunner:
         self._turns: list[Submission | None] = [None, None]
         self.uploads = None                         # per-step uniforms and RoPE tables, copied in by each step
 
-    def _state(self, node: Node):
+    def _state(self, node: Node, texture: bool = False):
+        """A persistent tensor's buffer, or the texture copy kernels read it through (both zeroed by wgpu)."""
         name = node.attrs["name"]
         if name not in self.states:
-            self.states[name] = self._new_buffer(numel_at(node.shape, 0) * 4)      # zeroed by wgpu
-        return self.states[name]
+            self.states[name] = self._new_buffer(numel_at(node.shape, 0) * 4)
+        if not texture:
+            return self.states[name]
+        if name not in self.state_textures:
+            self.state_textures[name] = self._new_texture(self.states[name].size)
+        return self.state_textures[name]
+
+    def write_state(self, name: str, data: np.ndarray):
+        """Overwrite a persistent tensor (a KV cache) from the host, and its texture copy if it has one."""
+        buf = self._state(self.graph[self.graph.leaves("state")[name]])
+        self._write(buf, 0, np.ascontiguousarray(data, np.float32))
+        if name in self.state_textures:
+            enc = self.gpu.create_command_encoder()
+            self._copy_to_texture(enc, buf, self.state_textures[name], 0, buf.size)
+            self.gpu.queue.submit([enc.finish()])
 
     def _value(self, node_id: int):
         """The arena slot holding an input's or an output's value."""
@@ -297,13 +413,42 @@ class WgpuRunner:
         return self.slots[self.arena.scratch_slot[node_id]]
 
     # -- a forward step
-    def encoding(self, tokens: int) -> list[tuple]:
-        """(pipeline, bind group, workgroups) of each dispatch a step of `tokens` tokens runs: a node may
-        have variants for different step sizes (a GEMV for one token, a GEMM for many). Built once per size."""
+    def encoding(self, tokens: int) -> list[Dispatch]:
+        """Each dispatch a step of `tokens` tokens runs: a node may have variants for different step sizes
+        (a GEMV for one token, a GEMM for many). Built once per size."""
         if tokens not in self._encodings:
-            self._encodings[tokens] = [(pipe, group, k.grid(tokens)) for pipe, group, k in self.dispatches
-                                       if k.runs_for(tokens)]
+            steps, mirrored = [], set()
+            for pipe, group, k in self.dispatches:
+                if not k.runs_for(tokens):
+                    continue
+                mirrors = []
+                for b in k.bindings:
+                    j = base_of(self.graph, b.ref.key) if b.texture and b.ref.kind == "node" else None
+                    if j is not None and j not in mirrored:
+                        mirrored.add(j)
+                        mirrors.append(j)
+                steps.append(Dispatch(pipe, group, k.grid(tokens), tuple(mirrors)))
+            self._encodings[tokens] = steps
         return self._encodings[tokens]
+
+    def encode_step(self, enc, tokens: int, start: int, reps: int = 1):
+        """The dispatches of a step of `tokens` tokens at position `start` (`reps` times over), in compute
+        passes broken only where a value is copied to its texture."""
+        cp = None
+        for _ in range(reps):
+            for d in self.encoding(tokens):
+                if d.mirrors and cp is not None:
+                    cp.end()
+                    cp = None
+                for j in d.mirrors:
+                    self._mirror(enc, j, tokens, start)
+                if cp is None:
+                    cp = enc.begin_compute_pass()
+                cp.set_pipeline(d.pipeline)
+                cp.set_bind_group(0, d.group)
+                cp.dispatch_workgroups(*d.grid)
+        if cp is not None:
+            cp.end()
 
     def run(self, fed: dict[str, np.ndarray], tokens: int, weights, outputs=None) -> dict[str, np.ndarray]:
         """One step; reads back the outputs named in `outputs` (all when None)."""
@@ -370,12 +515,7 @@ class WgpuRunner:
             if self.profiler is not None:
                 self.profiler.encode(enc, self, tokens, start + k * tokens)
             else:
-                cp = enc.begin_compute_pass()
-                for pipe, group, grid in self.encoding(tokens):
-                    cp.set_pipeline(pipe)
-                    cp.set_bind_group(0, group)
-                    cp.dispatch_workgroups(*grid)
-                cp.end()
+                self.encode_step(enc, tokens, start + k * tokens)
             for o, (staging, stride) in sub.staged.items():
                 enc.copy_buffer_to_buffer(self._value(o), 0, staging, k * stride, stride)
             if self.profiler is not None:           # its timestamps are read back one step at a time

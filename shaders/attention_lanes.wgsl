@@ -1,0 +1,71 @@
+// Causal (optionally sliding-window) softmax attention with one invocation per (query, head, split of the
+// keys), each walking its keys alone with an online softmax: the CPU layout's attention. There an
+// invocation is a SIMD lane of a core, and attention.wgsl's workgroup barriers and shared reductions
+// (emulated in software) cost far more than the arithmetic they share; a lane needs neither. The math,
+// the ring-buffer cache, the split records and the substitutions follow attention.wgsl.
+${bindings}
+
+const D: u32 = ${head_dim}u;
+const HALF: u32 = ${half}u;
+const EPS: f32 = ${eps};
+const HEADS: u32 = ${heads}u;
+const SPLITS: u32 = ${splits}u;
+
+// The row that holds key position j.
+fn slot(j: u32) -> u32 { return ${slot}; }
+
+// The rotate_half partner of element d: pairs (d, d + D/2) turn together.
+fn partner(d: u32) -> u32 { return select(d - HALF, d + HALF, d < HALF); }
+
+// Element d of the query head at q_base after its norm (r: the head's 1/rms) and rotation.
+fn q_elem(q_base: u32, d: u32, r: f32) -> f32 { ${q_elem} }
+fn q_value(q_base: u32, d: u32, r: f32, i: u32) -> f32 { return ${q_value}; }
+
+// Element d of the key head at k_base after its norm (r: that head's 1/rms) and rotation (key row j).
+fn k_elem(k_base: u32, d: u32, r: f32) -> f32 { ${k_elem} }
+fn k_value(k_base: u32, d: u32, r: f32, j: u32) -> f32 { return ${k_value}; }
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let lane = gid.y * nwg.x * 64u + gid.x;
+    let h = lane % HEADS;                // query head
+    let z = (lane / HEADS) % SPLITS;     // share of the keys
+    let i = lane / (HEADS * SPLITS);     // query row
+    let S = ${queries};
+    if (i >= S) { return; }
+    let Tk = ${keys};
+    let g = h / ${group}u;               // its kv head
+    let qi = Tk - S + i;                 // the query's index among the keys
+    var lo = 0u;
+    ${window_lo}
+    var hi = qi + 1u;                    // the query sees keys lo .. hi - 1
+    ${key_range}
+    let q_base = i * ${q_row}u + ${q_at}u + h * D;
+    var rq = 1.0;
+    ${q_rms}
+    var q: array<vec4<f32>, ${quads}>;
+    for (var c = 0u; c < D / 4u; c = c + 1u) {
+        let d = 4u * c;
+        q[c] = vec4<f32>(q_value(q_base, d, rq, i), q_value(q_base, d + 1u, rq, i),
+                         q_value(q_base, d + 2u, rq, i), q_value(q_base, d + 3u, rq, i));
+    }
+    var acc: array<vec4<f32>, ${quads}>;
+    var m_run = -3.0e38;
+    var l_run = 0.0;
+    for (var j = lo; j < hi; j = j + 1u) {
+        let k_base = slot(j) * ${k_row}u + ${k_at}u + g * D;
+        var dot4 = vec4<f32>(0.0);
+${score}
+        var s = (dot4.x + dot4.y + dot4.z + dot4.w) * ${scale};
+        ${softcap}
+        let m_new = max(m_run, s);
+        let correction = exp(m_run - m_new);
+        var p = exp(s - m_new);
+        l_run = l_run * correction + p;
+        m_run = m_new;
+        let v_base = slot(j) * ${v_row}u + ${v_at}u + g * D;
+        ${v_rms}
+        for (var c = 0u; c < D / 4u; c = c + 1u) { acc[c] = fma(v4(v_base / 4u + c), vec4<f32>(p), acc[c] * correction); }
+    }
+${epilogue}
+}
