@@ -771,7 +771,10 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     q, k, v = (ctx.graph[j] for j in inputs[:3])
     nh, nkv, d = a["heads"], a["kv_heads"], a["head_dim"]
     norms, extra = a["norms"], list(inputs[3:])
-    bindings = [replace(ctx.value(j, name), texture=ctx.textures) for j, name in zip(inputs, "qkv")]
+    # Keys and values are read once per query: through textures where those are faster (q, read once per
+    # lane, is not worth the copy).
+    bindings = [ctx.value(inputs[0], "q"),
+                *(replace(ctx.value(j, name), texture=ctx.textures) for j, name in zip(inputs[1:3], "kv"))]
     rms = "1.0 / sqrt({} / f32(D) + EPS)"
     q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
     if norms & 1:
