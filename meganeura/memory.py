@@ -118,7 +118,7 @@ def device_limits() -> Limits:
         return Limits(binding, WEBGPU_MAX_BUFFER, None, "no GPU adapter opened: WebGPU's guaranteed limits")
     cpu = dev.adapter_type == "CPU"
     return Limits(dev.max_binding, int(dev.limits["max-buffer-size"]), host_memory() if cpu else None,
-                  f"{dev.name}, {dev.adapter_type} adapter, {dev.backend}", dev.layout == "cpu")
+                  f"{dev.name}, {dev.adapter_type} adapter, {dev.backend}", dev.textures)
 
 
 # ---------------------------------------------------------------- the plan

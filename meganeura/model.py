@@ -92,7 +92,7 @@ class Model:
         if self.backend == "wgpu":
             from .backend.device import open_device
             dev = open_device()
-            max_binding, copies = dev.max_binding, 2 if dev.layout == "cpu" else 1
+            max_binding, copies = dev.max_binding, 2 if dev.textures else 1
         return choose_cache(self.family, self.config, context, chunk, max_binding, copies)
 
     # -- scoring

@@ -39,6 +39,13 @@ class Device:
     def has_subgroups(self) -> bool:
         return "subgroup" in self.features
 
+    @property
+    def textures(self) -> bool:
+        """Weights, streamed activations and KV caches are read through textures (the CPU layout: lavapipe
+        fetches texels with vector loads but reads storage buffers one lane at a time); a KV cache is then
+        held twice, as the buffer its writes go to and the texture its reads come from."""
+        return self.layout == "cpu"
+
 
 def _adapters():
     import wgpu

@@ -766,8 +766,13 @@ def _fused_attention(ctx, node_id, node: Node) -> list[Kernel]:
     return _attend(ctx, node_id, node.inputs, node.attrs, "fused_attention")
 
 
+# 1/rms of a head from its sum of squares (EPS and D are template constants).
+HEAD_RMS = "1.0 / sqrt({} / f32(D) + EPS)"
+
+
 def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
-    """Attention over heads read at column offsets of [tokens, row] tensors (the fused_attention attrs)."""
+    """Attention over heads read at column offsets of [tokens, row] tensors (the fused_attention attrs):
+    attention_lanes.wgsl on a CPU device, attention.wgsl elsewhere."""
     q, k, v = (ctx.graph[j] for j in inputs[:3])
     nh, nkv, d = a["heads"], a["kv_heads"], a["head_dim"]
     norms, extra = a["norms"], list(inputs[3:])
@@ -775,36 +780,17 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     # lane, is not worth the copy).
     bindings = [ctx.value(inputs[0], "q"),
                 *(replace(ctx.value(j, name), texture=ctx.textures) for j, name in zip(inputs[1:3], "kv"))]
-    rms = "1.0 / sqrt({} / f32(D) + EPS)"
-    q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
     if norms & 1:
         bindings.append(ctx.value(extra.pop(0), "q_norm"))
-        q_rms = ("var q_ss = 0.0;\n    for (var d = li; d < D; d = d + WG) { q_ss = q_ss + q_raw[d] * q_raw[d]; }\n"
-                 f"    let rq = {rms.format('reduce_sum(q_ss, li)')};")
-        q_elem = "return q_raw[d] * r * load_q_norm(d);"
-    k_rms, k_elem = "let rk = 1.0;", "return load_k(k_base + d);"
     if norms & 2:
         bindings.append(ctx.value(extra.pop(0), "k_norm"))
-        k_rms = ("var k_ss = 0.0;\n            for (var d = 0u; d < D; d = d + 1u) "
-                 "{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }\n"
-                 f"            let rk = {rms.format('k_ss')};")
-        k_elem = "return load_k(k_base + d) * r * load_k_norm(d);"
-    v_rms, v_value = "", "load_v(v_base + d)"
-    if norms & 4:
-        v_rms = (f"let v_base = slot(j) * {_row_width(v)}u + {a['v_at']}u + g * D;\n            var v_ss = 0.0;\n"
-                 "            for (var d = 0u; d < D; d = d + 1u) { let x = load_v(v_base + d); v_ss = v_ss + x * x; }\n"
-                 f"            v_scale[li] = {rms.format('v_ss')};")
-        v_value = "(load_v(v_base + d) * v_scale[t])"
-    q_value, k_value, parts = "q_elem(d, rq)", "k_elem(k_base, d, rk)", []
+    parts = []
     if a["rope"] is not None:
         # The host fills one cos/sin row per token of the step (position step.start + row), as for `rope`.
         inv_freq, scaling = a["rope"]
         key = ctx.rope_key(Node("rope", (), {"inv_freq": inv_freq, "attention_scaling": scaling}, (), "f32"))
         bindings.append(Binding("table", Ref("rope", key), "f32"))
         parts.append(ROTATE)
-        q_value = "rotate(q_elem(d, rq), q_elem(partner(d), rq), i, d)"
-        if not a["cached"]:                 # a cache holds keys already rotated
-            k_value = "rotate(k_elem(k_base, d, rk), k_elem(k_base, partner(d), rk), j, d)"
     window = a["window"]
     window_lo = f"if (qi + 1u >= {window}u) {{ lo = qi + 1u - {window}u; }}" if window else ""
     softcap = f"s = {lit(a['softcap'])} * tanh_(s / {lit(a['softcap'])});" if a["softcap"] else ""
@@ -815,12 +801,36 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
                 keys="(step.start + step.S)" if cached else dim(k.shape[0]),
                 slot=f"j % {k.shape[0]}u" if cached else "j", group=nh // nkv, q_row=_row_width(q),
                 k_row=_row_width(k), v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"],
-                q_rms=q_rms, q_elem=q_elem, k_rms=k_rms, k_elem=k_elem, q_value=q_value, k_value=k_value,
-                v_rms=v_rms, v_value=v_value, scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap)
+                scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap)
     splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if cached else 1
     if ctx.layout == "cpu" and d % 4 == 0 and all(x % 4 == 0 for x in (_row_width(k), _row_width(v), a["k_at"],
                                                                       a["v_at"])):
         return _attend_lanes(ctx, node_id, label, bindings, a, splits, subs)
+    # attention.wgsl: q is staged in workgroup memory (q_raw), its norm reduced across the workgroup.
+    q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
+    if norms & 1:
+        q_rms = ("var q_ss = 0.0;\n    for (var d = li; d < D; d = d + WG) { q_ss = q_ss + q_raw[d] * q_raw[d]; }\n"
+                 f"    let rq = {HEAD_RMS.format('reduce_sum(q_ss, li)')};")
+        q_elem = "return q_raw[d] * r * load_q_norm(d);"
+    k_rms, k_elem = "let rk = 1.0;", "return load_k(k_base + d);"
+    if norms & 2:
+        k_rms = ("var k_ss = 0.0;\n            for (var d = 0u; d < D; d = d + 1u) "
+                 "{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }\n"
+                 f"            let rk = {HEAD_RMS.format('k_ss')};")
+        k_elem = "return load_k(k_base + d) * r * load_k_norm(d);"
+    v_rms, v_value = "", "load_v(v_base + d)"
+    if norms & 4:
+        v_rms = (f"let v_base = slot(j) * {_row_width(v)}u + {a['v_at']}u + g * D;\n            var v_ss = 0.0;\n"
+                 "            for (var d = 0u; d < D; d = d + 1u) { let x = load_v(v_base + d); v_ss = v_ss + x * x; }\n"
+                 f"            v_scale[li] = {HEAD_RMS.format('v_ss')};")
+        v_value = "(load_v(v_base + d) * v_scale[t])"
+    q_value, k_value = "q_elem(d, rq)", "k_elem(k_base, d, rk)"
+    if a["rope"] is not None:
+        q_value = "rotate(q_elem(d, rq), q_elem(partner(d), rq), i, d)"
+        if not cached:                      # a cache holds keys already rotated
+            k_value = "rotate(k_elem(k_base, d, rk), k_elem(k_base, partner(d), rk), j, d)"
+    subs.update(q_rms=q_rms, q_elem=q_elem, k_rms=k_rms, k_elem=k_elem, q_value=q_value, k_value=k_value,
+                v_rms=v_rms, v_value=v_value)
     normalise = f"    for (var d = li; d < D; d = d + WG) {{ out[(i * {nh}u + h) * D + d] = acc[d] / l_run; }}"
     whole = _kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1), key_range="",
                     epilogue=normalise, **subs)
@@ -833,11 +843,10 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
 def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict) -> list[Kernel]:
     """attention_lanes.wgsl: the same attention (and split records) with a lane per (query, head, split)."""
     nh, d, norms = a["heads"], a["head_dim"], a["norms"]
-    rms = "1.0 / sqrt({} / f32(D) + EPS)"
     q_rms = ""
     if norms & 1:
         q_rms = ("var q_ss = 0.0;\n    for (var d = 0u; d < D; d = d + 1u) { let x = load_q(q_base + d); "
-                 f"q_ss = q_ss + x * x; }}\n    rq = {rms.format('q_ss')};")
+                 f"q_ss = q_ss + x * x; }}\n    rq = {HEAD_RMS.format('q_ss')};")
     q_elem = "return load_q(q_base + d) * r" + " * load_q_norm(d)" * bool(norms & 1) + ";"
     k_elem = "return load_k(k_base + d) * r" + " * load_k_norm(d)" * bool(norms & 2) + ";"
     rotate_k = a["rope"] is not None and not a["cached"]
@@ -849,7 +858,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         score = ["        var rk = 1.0;"]
         if norms & 2:
             score.append("        var k_ss = 0.0;\n        for (var d = 0u; d < D; d = d + 1u) "
-                         f"{{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }}\n        rk = {rms.format('k_ss')};")
+                         f"{{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }}\n        rk = {HEAD_RMS.format('k_ss')};")
         score.append("        for (var c = 0u; c < D / 4u; c = c + 1u) { let d = 4u * c; dot4 = fma(q[c], vec4<f32>("
                      "k_value(k_base, d, rk, j), k_value(k_base, d + 1u, rk, j), k_value(k_base, d + 2u, rk, j), "
                      "k_value(k_base, d + 3u, rk, j)), dot4); }")
@@ -858,7 +867,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     v_rms = ""
     if norms & 4:
         v_rms = ("var v_ss = 0.0;\n        for (var c = 0u; c < D / 4u; c = c + 1u) { let x = v4(v_base / 4u + c); "
-                 f"v_ss = v_ss + dot(x, x); }}\n        p = p * {rms.format('v_ss')};")
+                 f"v_ss = v_ss + dot(x, x); }}\n        p = p * {HEAD_RMS.format('v_ss')};")
     quads = []
     for name, b in (("k", bindings[1]), ("v", bindings[2])):
         body = (f"bitcast<vec4<f32>>(texel_{name}(t))" if b.texture else
@@ -868,8 +877,6 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     common = {**subs, "prelude": helpers(subs["prelude"], *quads), "heads": nh, "quads": d // 4, "q_rms": q_rms,
               "q_elem": q_elem, "q_value": q_value, "k_elem": k_elem, "k_value": k_value, "score": "\n".join(score),
               "v_rms": v_rms}
-    for key in ("v_value", "k_rms"):
-        common.pop(key)
 
     def stores(out: str, at: str, scale: str) -> str:
         return ("    for (var c = 0u; c < D / 4u; c = c + 1u) {\n"

@@ -156,8 +156,7 @@ class WgpuRunner:
 
     @property
     def textures(self) -> bool:
-        """Weights, and the activations a GEMM streams, are read through textures on a CPU device."""
-        return self.dev.layout == "cpu"
+        return self.dev.textures
 
     def _new_texture(self, nbytes: int):
         """A texture of at least `nbytes` bytes laid out as kernels.TEXEL_ROW texels to a row."""
@@ -347,13 +346,11 @@ class WgpuRunner:
                                                          usage=u.STORAGE | u.COPY_DST)
                              for (inv, _), key in self.rope_tables.items()}
         # An activation a kernel reads through a texture is copied there from its slot before the first
-        # such reader of each step runs (`encoding`).
-        self.mirrors = {base_of(self.graph, b.ref.key): None for ks in self.kernels.values() for k in ks
-                        for b in k.bindings if b.texture and b.ref.kind == "node"}
-        for j in self.mirrors:       # a KV cache's texture persists with it, as it holds every step's keys
-            node = self.graph[j]
-            self.mirrors[j] = (self._state(node, texture=True) if node.op == "state" else
-                               self._new_texture(numel_at(node.shape, capacity) * 4))
+        # such reader of each step runs (`encoding`); a KV cache's texture persists with it, as it holds
+        # every step's keys.
+        read = {self._mirrored(b) for ks in self.kernels.values() for k in ks for b in k.bindings} - {None}
+        self.mirrors = {j: self._state(self.graph[j], texture=True) if self.graph[j].op == "state" else
+                        self._new_texture(numel_at(self.graph[j].shape, capacity) * 4) for j in read}
         self.dispatches = []
         for i, kernels in self.kernels.items():
             for k in kernels:
@@ -361,8 +358,8 @@ class WgpuRunner:
                 entries = [{"binding": 0, "resource": {"buffer": self.step, "offset": 0, "size": 16}}]
                 for slot, b in enumerate(k.bindings, start=1):
                     if b.texture:
-                        store = (self.mirrors[base_of(self.graph, b.ref.key)] if b.ref.kind == "node"
-                                 else self._buffer(b.ref, i))
+                        j = self._mirrored(b)
+                        store = self.mirrors[j] if j is not None else self._buffer(b.ref, i)
                         entries.append({"binding": slot, "resource": store.create_view()})
                         continue
                     buf = self._buffer(b.ref, i)
@@ -375,6 +372,10 @@ class WgpuRunner:
         self.staging: list[dict[int, object]] = [{}, {}]
         self._turns: list[Submission | None] = [None, None]
         self.uploads = None                         # per-step uniforms and RoPE tables, copied in by each step
+
+    def _mirrored(self, b) -> int | None:
+        """The value (base node) binding `b` reads through its texture copy, if it does."""
+        return base_of(self.graph, b.ref.key) if b.texture and b.ref.kind == "node" else None
 
     def _state(self, node: Node, texture: bool = False):
         """A persistent tensor's buffer, or the texture copy kernels read it through (both zeroed by wgpu)."""
@@ -422,8 +423,7 @@ class WgpuRunner:
                 if not k.runs_for(tokens):
                     continue
                 mirrors = []
-                for b in k.bindings:
-                    j = base_of(self.graph, b.ref.key) if b.texture and b.ref.kind == "node" else None
+                for j in map(self._mirrored, k.bindings):
                     if j is not None and j not in mirrored:
                         mirrored.add(j)
                         mirrors.append(j)
