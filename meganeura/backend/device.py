@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "immediates")
 PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
@@ -40,11 +42,41 @@ class Device:
         return "subgroup" in self.features
 
     @property
+    def subgroup_size(self) -> int:
+        """Invocations per subgroup as this device's shaders run them (0 without subgroups): measured once,
+        as wgpu reports only a range."""
+        if not self.has_subgroups:
+            return 0
+        if "subgroup_size" not in self.limits:
+            self.limits["subgroup_size"] = _measure_subgroup_size(self.wgpu_device)
+        return self.limits["subgroup_size"]
+
+    @property
     def textures(self) -> bool:
         """Weights, streamed activations and KV caches are read through textures (the CPU layout: lavapipe
         fetches texels with vector loads but reads storage buffers one lane at a time); a KV cache is then
         held twice, as the buffer its writes go to and the texture its reads come from."""
         return self.layout == "cpu"
+
+
+def _measure_subgroup_size(gpu) -> int:
+    import wgpu
+
+    out = gpu.create_buffer(size=16, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+    module = gpu.create_shader_module(code="@group(0) @binding(0) var<storage, read_write> out: array<u32>;\n"
+                                           "@compute @workgroup_size(64) fn main(@builtin(subgroup_size) n: u32, "
+                                           "@builtin(local_invocation_index) li: u32) { if (li == 0u) { out[0] = n; } }")
+    pipe = gpu.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+    group = gpu.create_bind_group(layout=pipe.get_bind_group_layout(0),
+                                  entries=[{"binding": 0, "resource": {"buffer": out, "offset": 0, "size": 16}}])
+    enc = gpu.create_command_encoder()
+    cp = enc.begin_compute_pass()
+    cp.set_pipeline(pipe)
+    cp.set_bind_group(0, group)
+    cp.dispatch_workgroups(1)
+    cp.end()
+    gpu.queue.submit([enc.finish()])
+    return int(np.frombuffer(gpu.queue.read_buffer(out, 0, 4), np.uint32)[0])
 
 
 def _adapters():

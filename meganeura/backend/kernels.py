@@ -246,6 +246,7 @@ class Context:
     rope_key: Callable[[Node], int]
     param_quant: Callable[[str, int], tuple[int, int]] = lambda name, window: (0, 0)   # -> (group, scales_at)
     textures: bool = False                               # weights, and activations streamed, in textures
+    subgroup_size: int = 0                               # 0 without subgroups
 
     def weight(self, name: str, pname: str, window: int = 0) -> Binding:
         """Binding `name` for window `window` of parameter `pname`."""
@@ -622,10 +623,64 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
         n = (r1 - r0) // 2 if act else r1 - r0
         bindings = [shared[0], replace(w_binding(i), packs=True), *shared[1:], out]
         for tokens, rows, token_block in variants:
+            if tokens == (1, 1) and _gemv_fits(ctx, k):
+                kernels.append(_gemv_kernel(ctx, label, [replace(shared[0], texture=False), *bindings[1:]], parts,
+                                            x, k, n, r0, epilogue, out_stride, gated=act is not None, norm=norm,
+                                            eps=eps, weighted=norm_w is not None))
+                continue
             kernels.append(_stream_kernel(ctx, label, bindings, parts, x, k, n, r0, tokens, rows, token_block,
                                           epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
                                           weighted=norm_w is not None))
     return kernels
+
+
+# gemv_subgroup.wgsl: a lane holds K / 8 / L of the token's packs in registers, so K is bounded (beyond it the
+# decode step streams as stream.wgsl does); subgroups are spread so that each walks at least GEMV_MIN_ROWS rows
+# and there are at most GEMV_SUBGROUPS (enough workgroups for every core, few enough to keep the activation's
+# reads, one per subgroup, small).
+GEMV_MAX_PACKS_PER_LANE = 32
+GEMV_MIN_ROWS, GEMV_SUBGROUPS = 32, 32
+
+
+def _gemv_fits(ctx, k: int) -> bool:
+    lanes = ctx.subgroup_size
+    return ctx.layout == "cpu" and lanes > 0 and STREAM_WG % lanes == 0 and -(-k // 8 // lanes) <= GEMV_MAX_PACKS_PER_LANE
+
+
+def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int, epilogue: list[str],
+                 out_stride: int, *, gated: bool, norm, eps: float, weighted: bool) -> Kernel:
+    """The one-token variant of a streamed product on a CPU device with subgroups (gemv_subgroup.wgsl)."""
+    lanes, packs = ctx.subgroup_size, k // 8
+    shares = -(-packs // lanes)                     # packs per lane; the last share may be partial
+    subgroups = max(1, min(GEMV_SUBGROUPS, n // GEMV_MIN_ROWS))
+    rows = -(-n // subgroups)
+    load_x, body = [], []
+    for c in range(shares):
+        p = f"{c * lanes}u + lane"
+        inside = f"{p} < PACKS" if (c + 1) * lanes > packs else ""
+        at = f"min({p}, PACKS - 1u)" if inside else p
+        raw = f"pack_a(m * PACKS + {at})"
+        load_x.append(f"        let raw{c} = {f'masked({raw}, {inside})' if inside else raw};")
+        if norm is not None:
+            load_x.append(f"        ss = ss + dot(raw{c}.lo, raw{c}.lo) + dot(raw{c}.hi, raw{c}.hi);")
+        if weighted:
+            load_x.append(f"        let nw{c} = pack_nw({at});")
+            load_x.append(f"        let x{c} = Pack(raw{c}.lo * nw{c}.lo, raw{c}.hi * nw{c}.hi, 1.0);")
+        else:
+            load_x.append(f"        let x{c} = raw{c};")
+        lines = [f"let w = pack_w(n * PACKS + {p}); acc = acc + (dot(w.lo, x{c}.lo) + dot(w.hi, x{c}.hi)) * w.s;"]
+        if gated:
+            lines.append(f"let u = pack_w((n + N) * PACKS + {p}); up = up + (dot(u.lo, x{c}.lo) + dot(u.hi, x{c}.hi)) * u.s;")
+        inner = " ".join(lines)
+        body.append(f"            if ({inside}) {{ {inner} }}" if inside else f"            {{ {inner} }}")
+    row_scale = f"1.0 / sqrt(subgroupAdd(ss) / f32(K) + {lit(eps)})" if norm is not None else "1.0"
+    blocks = -(-n // rows)
+    kernel = _kernel(ctx, f"{label}_gemv", "gemv_subgroup", bindings, lambda s: grid_1d(blocks * lanes, STREAM_WG),
+                     prelude=helpers(*parts), wg=STREAM_WG, lanes=lanes, packs=packs, rows=rows,
+                     m=f"({numel(x.shape)} / {k}u)", n=n, col0=col0, out_stride=out_stride,
+                     load_x="\n".join(load_x), row_scale=row_scale, body="\n".join(body),
+                     epilogue="\n".join("                " + line for line in epilogue))
+    return replace(kernel, tokens=(1, 1))
 
 
 def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int, tokens, rows: int,
