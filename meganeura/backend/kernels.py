@@ -141,8 +141,12 @@ TEXEL_ROW = 4096
 
 def _declare_texture(slot: int, b: Binding) -> list[str]:
     """A read-only texture binding, `texel_<name>(t)` and `word_<name>(j)` (u32 word j), and the accessors a
-    storage binding of the same dtype has, read through them."""
+    storage binding of the same dtype has, read through them; or a write-only one and `store_<name>(t, v)`."""
     name, shift = b.name, TEXEL_ROW.bit_length() - 1
+    if b.write:
+        return [f"@group(0) @binding({slot}) var {name}: texture_storage_2d<rgba32uint, write>;",
+                f"fn store_{name}(t: u32, v: vec4<u32>) {{ textureStore({name}, vec2<u32>(t & {TEXEL_ROW - 1}u, "
+                f"t >> {shift}u), v); }}"]
     texel, word = f"texel_{name}", f"word_{name}"
     out = [f"@group(0) @binding({slot}) var {name}: texture_2d<u32>;",
            f"fn {texel}(t: u32) -> vec4<u32> {{ return textureLoad({name}, vec2<u32>(t & {TEXEL_ROW - 1}u, "
@@ -1035,13 +1039,20 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
         key = ctx.rope_key(Node("rope", (), {"inv_freq": inv_freq, "attention_scaling": scaling}, (), "f32"))
         bindings.append(Binding("table", Ref("rope", key), "f32"))
         parts += [f"const HALF: u32 = {d // 2}u;", ROTATE]
-        body.append("    for (var j = li; j < n; j = j + WG) {\n"
-                    "        let p = select(j - HALF, j + HALF, j < HALF);\n"
-                    f"        out[dst + j] = rotate({value}, {elem('p')}, token, j);\n    }}")
+        value = f"rotate({value}, {elem('select(j - HALF, j + HALF, j < HALF)')}, token, j)"
+    outs = [_out(node_id)]
+    if ctx.textures and d % 4 == 0:
+        # The cache's texture copy (read by attention) is written here too, a texel (4 elements) a lane.
+        outs.append(Binding("texels", Ref("node", node_id), "f32", write=True, texture=True))
+        body.append(f"""    for (var t = li; t < n / 4u; t = t + WG) {{
+        var v: vec4<f32>;
+        for (var c = 0u; c < 4u; c = c + 1u) {{ let j = 4u * t + c; v[c] = {value}; out[dst + j] = v[c]; }}
+        store_texels(dst / 4u + t, bitcast<vec4<u32>>(v));
+    }}""")
     else:
         body.append(f"    for (var j = li; j < n; j = j + WG) {{ out[dst + j] = {value}; }}")
     rows = f"(step.S * {heads}u)"
-    return [_kernel(ctx, "cache_write", "rowreduce", bindings + [_out(node_id)],
+    return [_kernel(ctx, "cache_write", "rowreduce", bindings + outs,
                     lambda s: grid_1d(s * heads, 1), prelude=helpers(*parts), rows=rows, width=d,
                     body="\n".join(body))]
 

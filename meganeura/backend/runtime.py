@@ -158,13 +158,15 @@ class WgpuRunner:
     def textures(self) -> bool:
         return self.dev.textures
 
-    def _new_texture(self, nbytes: int):
-        """A texture of at least `nbytes` bytes laid out as kernels.TEXEL_ROW texels to a row."""
+    def _new_texture(self, nbytes: int, storage: bool = False):
+        """A texture of at least `nbytes` bytes laid out as kernels.TEXEL_ROW texels to a row; `storage`:
+        kernels may write it."""
         texels = padded(nbytes) // TEXEL
         u = self.wgpu.TextureUsage
         return self.gpu.create_texture(size=(min(texels, TEXEL_ROW), -(-texels // TEXEL_ROW), 1),
                                        format=self.wgpu.TextureFormat.rgba32uint,
-                                       usage=u.TEXTURE_BINDING | u.COPY_DST | u.COPY_SRC)
+                                       usage=u.TEXTURE_BINDING | u.COPY_DST | u.COPY_SRC |
+                                       (u.STORAGE_BINDING if storage else 0))
 
     def _copy_to_texture(self, enc, buf, texture, begin: int, end: int):
         """Bytes [begin, end) of `buf` to the same bytes of `texture` (16-byte aligned): the rest of the
@@ -323,7 +325,9 @@ class WgpuRunner:
             for slot, b in enumerate(kernel.bindings, start=1):
                 if b.texture:
                     entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE,
-                                    "texture": {"sample_type": "uint", "view_dimension": "2d"}})
+                                    **({"storage_texture": {"access": "write-only", "format": "rgba32uint",
+                                                            "view_dimension": "2d"}} if b.write else
+                                       {"texture": {"sample_type": "uint", "view_dimension": "2d"}})})
                     continue
                 kind = "storage" if b.write else "read-only-storage"
                 entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}})
@@ -346,9 +350,11 @@ class WgpuRunner:
                                                          usage=u.STORAGE | u.COPY_DST)
                              for (inv, _), key in self.rope_tables.items()}
         # An activation a kernel reads through a texture is copied there from its slot before the first
-        # such reader of each step runs (`encoding`); a KV cache's texture persists with it, as it holds
-        # every step's keys.
-        read = {self._mirrored(b) for ks in self.kernels.values() for k in ks for b in k.bindings} - {None}
+        # such reader of each step runs (`encoding`), unless the kernels that write it write its texture too;
+        # a KV cache's texture persists with it, as it holds every step's keys.
+        bound = [b for ks in self.kernels.values() for k in ks for b in k.bindings]
+        read = {self._mirrored(b) for b in bound} - {None}
+        self.written = {self._mirrored(b) for b in bound if b.write} - {None}
         self.mirrors = {j: self._state(self.graph[j], texture=True) if self.graph[j].op == "state" else
                         self._new_texture(numel_at(self.graph[j].shape, capacity) * 4) for j in read}
         self.dispatches = []
@@ -385,7 +391,7 @@ class WgpuRunner:
         if not texture:
             return self.states[name]
         if name not in self.state_textures:
-            self.state_textures[name] = self._new_texture(self.states[name].size)
+            self.state_textures[name] = self._new_texture(self.states[name].size, storage=True)
         return self.state_textures[name]
 
     def write_state(self, name: str, data: np.ndarray):
@@ -424,7 +430,7 @@ class WgpuRunner:
                     continue
                 mirrors = []
                 for j in map(self._mirrored, k.bindings):
-                    if j is not None and j not in mirrored:
+                    if j is not None and j not in mirrored and j not in self.written:
                         mirrored.add(j)
                         mirrors.append(j)
                 steps.append(Dispatch(pipe, group, k.grid(tokens), tuple(mirrors)))
