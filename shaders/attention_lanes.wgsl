@@ -25,9 +25,9 @@ fn q_value(q_base: u32, d: u32, r: f32, i: u32) -> f32 { return ${q_value}; }
 fn k_elem(k_base: u32, d: u32, r: f32) -> f32 { ${k_elem} }
 fn k_value(k_base: u32, d: u32, r: f32, j: u32) -> f32 { return ${k_value}; }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(${wg})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let lane = gid.y * nwg.x * 64u + gid.x;
+    let lane = gid.y * nwg.x * ${wg}u + gid.x;
     let h = lane % HEADS;                // query head
     let z = (lane / HEADS) % SPLITS;     // share of the keys
     let i = lane / (HEADS * SPLITS);     // query row

@@ -8,6 +8,7 @@ one storage binding, the row window a dispatch covers.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
@@ -864,6 +865,8 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if cached else 1
     if ctx.layout == "cpu" and d % 4 == 0 and all(x % 4 == 0 for x in (_row_width(k), _row_width(v), a["k_at"],
                                                                       a["v_at"])):
+        # A CPU has few lanes: enough splits to give each a query head's share, and each more keys.
+        splits = min(splits, -(-CPU_LANES // nh))
         return _attend_lanes(ctx, node_id, label, bindings, a, splits, subs)
     # attention.wgsl: q is staged in workgroup memory (q_raw), its norm reduced across the workgroup.
     q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
@@ -942,8 +945,8 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                 f"        let a = acc[c]{scale}; let o = {at} + 4u * c;\n"
                 f"        {out}[o] = a.x; {out}[o + 1u] = a.y; {out}[o + 2u] = a.z; {out}[o + 3u] = a.w;\n    }}")
 
-    lanes = lambda per_query: lambda s: grid_1d(s * per_query, 64)
-    whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, key_range="",
+    lanes = lambda per_query: lambda s: grid_1d(s * per_query, LANES_WG)
+    whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, key_range="", wg=LANES_WG,
                     epilogue=stores("out", "(i * HEADS + h) * D", " / l_run"), **common)
     if splits < 2:
         return [whole]
@@ -952,7 +955,8 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     epilogue = (f"    let rec = ((i * HEADS + h) * SPLITS + z) * {record}u;\n    part[rec] = m_run; part[rec + 1u] = l_run;\n"
                 + stores("part", "rec + 2u", ""))
     partials = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [Binding("part", scratch, "f32", write=True)],
-                       lanes(nh * splits), splits=splits, key_range=_split_range(splits, "z"), epilogue=epilogue,
+                       lanes(nh * splits), splits=splits, key_range=_split_range(splits, "z", LANE_KEYS),
+                       wg=LANES_WG, epilogue=epilogue,
                        **common)
     return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
             _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
@@ -964,6 +968,12 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
 SPLIT_TOKENS = 4
 KEYS_PER_SPLIT = 256
 MAX_SPLITS = 32
+# attention_lanes.wgsl: workgroups of one SIMD vector, so that even a decode step's few lanes spread over
+# the cores; lanes wanted in all (a few per core: lavapipe runs a thread per core); keys a split's share is
+# rounded to.
+LANES_WG = 8
+CPU_LANES = 2 * LANES_WG * (os.cpu_count() or 1)
+LANE_KEYS = 16
 
 
 def _split_attention(ctx, node_id, label, bindings, nh: int, d: int, splits: int, subs: dict) -> list[Kernel]:
@@ -971,7 +981,7 @@ def _split_attention(ctx, node_id, label, bindings, nh: int, d: int, splits: int
     (query, head, split) to scratch, then a rowreduce pass per (query, head) that merges them."""
     record = d + 2
     scratch = Ref("scratch", node_id, nh * splits * record * 4)       # bytes per token
-    key_range = _split_range(splits, "wg.z")
+    key_range = _split_range(splits, "wg.z", min(64, KEYS_PER_SPLIT))
     epilogue = (f"    let rec = ((i * {nh}u + h) * {splits}u + wg.z) * {record}u;\n"
                 "    if (li == 0u) { part[rec] = m_run; part[rec + 1u] = l_run; }\n"
                 "    for (var d = li; d < D; d = d + WG) { part[rec + 2u + d] = acc[d]; }")
@@ -980,37 +990,33 @@ def _split_attention(ctx, node_id, label, bindings, nh: int, d: int, splits: int
     return [replace(partials, tokens=(1, SPLIT_TOKENS)), _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
 
 
-def _split_range(splits: int, split: str) -> str:
+def _split_range(splits: int, split: str, align: int) -> str:
     """Narrow lo..hi to share `split` of `splits`: equal shares of the keys the query sees (known only at
-    run time: they grow with step.start), rounded up to whole blocks of attention.wgsl's 64 keys: as few
-    blocks in all as one pass would visit, and no split has more. Late shares may be empty (lo == hi):
-    their partial is neutral (m = -3e38, l = 0) and weighs nothing in the merge. A KEYS_PER_SPLIT below 64
-    rounds to itself (short caches split too)."""
-    align = min(64, KEYS_PER_SPLIT)
+    run time: they grow with step.start), rounded up to whole blocks of `align` keys (attention.wgsl's
+    64-key blocks, so no split visits more blocks than needed). Late shares may be empty (lo == hi): their
+    partial is neutral (m = -3e38, l = 0) and weighs nothing in the merge."""
     return (f"let share = ((hi - lo + {splits - 1}u) / {splits}u + {align - 1}u) / {align}u * {align}u;\n"
             f"    lo = min(hi, lo + {split} * share);\n    hi = min(hi, lo + share);")
 
 
 def _combine_splits(ctx, node_id, label, scratch: Ref, nh: int, d: int, splits: int) -> Kernel:
-    """A rowreduce pass per (query, head) merging its split partials (m, l, acc[d]) into the output."""
+    """An invocation per output element merging its (query, head)'s split partials (m, l, acc[d])."""
     record = d + 2
-    body = f"""    // This (query, head)'s partials: {splits} records of [m, l, acc[{d}]], rescaled to their common max.
-    let rec = row * {splits * record}u;
+    node = ctx.graph[node_id]
+    body = f"""    // The element's (query, head) has {splits} records of [m, l, acc[{d}]], rescaled to their common max.
+    let rec = (i / {d}u) * {splits * record}u;
     var mx = -3.0e38;
     for (var z = 0u; z < {splits}u; z = z + 1u) {{ mx = max(mx, load_part(rec + z * {record}u)); }}
     var total = 0.0;
+    var a = 0.0;
     for (var z = 0u; z < {splits}u; z = z + 1u) {{
-        total = total + exp(load_part(rec + z * {record}u) - mx) * load_part(rec + z * {record}u + 1u);
+        let at = rec + z * {record}u;
+        let weight = exp(load_part(at) - mx);
+        total = total + weight * load_part(at + 1u);
+        a = a + weight * load_part(at + 2u + i % {d}u);
     }}
-    for (var j = li; j < n; j = j + WG) {{
-        var a = 0.0;
-        for (var z = 0u; z < {splits}u; z = z + 1u) {{
-            a = a + exp(load_part(rec + z * {record}u) - mx) * load_part(rec + z * {record}u + 2u + j);
-        }}
-        out[base + j] = a / total;
-    }}"""
-    combine = _kernel(ctx, f"{label}_combine", "rowreduce", [Binding("part", scratch, "f32"), _out(node_id)],
-                      lambda s: grid_1d(s * nh, 1), rows=f"(step.S * {nh}u)", width=d, body=body)
+    out[i] = a / total;"""
+    combine = _elementwise(ctx, f"{label}_combine", node, [Binding("part", scratch, "f32"), _out(node_id)], body)
     return replace(combine, tokens=(1, SPLIT_TOKENS))
 
 
