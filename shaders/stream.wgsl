@@ -30,7 +30,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let block = ${block};
     let lane = ${lane};
     let n0 = block * ${rows}u;              // the block's first weight row in this window
-    if (n0 >= N) { return; }
+    ${leave}
     for (var m0 = 0u; m0 < M; m0 = m0 + ${tokens}u) {
 ${declare_acc}
         for (var p = lane; p < PACKS; p = p + LANES) {

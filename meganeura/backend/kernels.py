@@ -701,8 +701,22 @@ def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: i
     body += [f"            let u{r} = pack_w((min(n0 + {r}u, N - 1u) + N) * PACKS + p);" for r in R] * gated
     if weighted:
         body.append("            let nw = pack_nw(p);")
+    # On a CPU every lane of a subgroup reads the same activation packs: with subgroups, each lane fetches a
+    # share of the block's texels once and the rest are broadcast from the lanes that hold them.
+    shared_x = lanes == 1 and ctx.subgroup_size > 0 and bindings[0].texture
+    if shared_x:
+        fetched, group = 2 * token_block, ctx.subgroup_size        # two texels of f32 to a pack
+        for c in range(-(-fetched // group)):
+            e = f"min({c * group}u + sg_lane, {fetched - 1}u)"
+            body.append(f"            let v{c} = bitcast<vec4<f32>>(texel_a((min(m0 + {e} / 2u, M - 1u) * PACKS + p) "
+                        f"* 2u + ({e} & 1u)));")
     for t in T:
-        body.append(f"            let raw{t} = pack_a(min(m0 + {t}u, M - 1u) * PACKS + p);")
+        if shared_x:
+            lo, hi = divmod(2 * t, group), divmod(2 * t + 1, group)
+            body.append(f"            let raw{t} = Pack(subgroupBroadcast(v{lo[0]}, {lo[1]}u), "
+                        f"subgroupBroadcast(v{hi[0]}, {hi[1]}u), 1.0);")
+        else:
+            body.append(f"            let raw{t} = pack_a(min(m0 + {t}u, M - 1u) * PACKS + p);")
         if norm is not None:
             body.append(f"            ss{t} = ss{t} + dot(raw{t}.lo, raw{t}.lo) + dot(raw{t}.hi, raw{t}.hi);")
         scaled = f"Pack(raw{t}.lo * nw.lo, raw{t}.hi * nw.hi, 1.0)" if weighted else f"raw{t}"
@@ -743,6 +757,9 @@ def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: i
             lines += [f"if (li == 0u) {{ {v} = red[{c}u]; }}" for c, v in enumerate(sums)]
         lines.append("workgroupBarrier();          // red is written again by the next token block")
         reduce = "\n".join("        " + line for line in lines)
+    leave = "if (n0 >= N) { return; }"
+    if shared_x:    # every lane stays to the end, for the broadcasts: past N it loads row N - 1, stores nothing
+        subgroup_args, leave = ",\n        @builtin(subgroup_invocation_id) sg_lane: u32", ""
     if lanes == 1:
         block, grid = "(wg.y * nwg.x + wg.x) * WG + li", grid_1d(blocks, STREAM_WG)
     else:   # the block is the workgroup's, so the exit below and the barriers after it stay uniform
@@ -750,7 +767,7 @@ def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: i
     kernel = _kernel(ctx, f"{label}_stream", "stream", bindings, lambda s: grid, prelude=helpers(*parts),
                    wg=STREAM_WG, lanes=lanes, packs=k // 8, reduce_decl=reduce_decl, subgroup_args=subgroup_args,
                    m=f"({numel(x.shape)} / {k}u)", n=n, rows=rows, tokens=token_block, block=block,
-                   lane="0u" if lanes == 1 else "li",
+                   lane="0u" if lanes == 1 else "li", leave=leave,
                    declare_acc="\n".join(f"        var {v} = 0.0;" for v in sums), body="\n".join(body),
                    reduce=reduce, store="\n".join(store))
     return replace(kernel, tokens=tokens)
