@@ -1038,23 +1038,56 @@ def _combine_splits(ctx, node_id, label, scratch: Ref, nh: int, d: int, splits: 
 
 
 def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
-    """One workgroup per (token, head): read the head at column `at` of the token's row, RMS-norm and
-    rotate it, store it in slot (start + token) mod slots of the cache (bound as this node's output)."""
-    cache, x = ctx.graph[node.inputs[0]], ctx.graph[node.inputs[1]]
+    """The cache writes of a step's keys and values (every cache_write of the same x and position, with
+    the same head size) share one dispatch: one workgroup per (token, head of any of them), which reads
+    the head at column `at` of the token's row, RMS-norms and rotates it and stores it in slot
+    (start + token) mod slots of its cache (bound as that node's output); the first node lowers them all."""
+    g = ctx.graph
+    group = [i for i, n in enumerate(g.nodes) if n.op == "cache_write" and n.inputs[1:3] == node.inputs[1:3]
+             and g[n.inputs[0]].shape[2] == g[node.inputs[0]].shape[2]]
+    # Moved to the first write's place, a write must not pass a reader of its cache's old contents, and
+    # the rotation reads one table.
+    group = [i for i in group if not any(g[i].inputs[0] in g[j].inputs for j in range(group[0] + 1, i))]
+    if len({g[i].attrs["rope"] for i in group} - {None}) > 1:
+        group = [node_id]
+    if group[0] != node_id:
+        return []
+    x, d = g[node.inputs[1]], g[node.inputs[0]].shape[2]
+    bindings, parts, body, first = [ctx.value(node.inputs[1], "x")], [], [], 0
+    heads_in_all = sum(g[g[i].inputs[0]].shape[1] for i in group)
+    body.append(f"    let token = row / {heads_in_all}u;")
+    for k, i in enumerate(group):
+        mine, p, lines = _cache_head(ctx, i, g[i], x, k, f"row % {heads_in_all}u - {first}u")
+        bindings += [b for b in mine if b not in bindings]
+        parts += p
+        first += g[g[i].inputs[0]].shape[1]
+        if len(group) > 1:              # each workgroup's head belongs to one of the caches
+            branch = "if" if k == 0 else "} else" if k == len(group) - 1 else "} else if"
+            guard = f" (row % {heads_in_all}u < {first}u)" if not branch.endswith("else") else ""
+            body.append(f"    {branch}{guard} {{   // {g[g[i].inputs[0]].attrs['name']}")
+        body += ["    " * (len(group) > 1) + line for text in lines for line in text.split("\n")]
+    if len(group) > 1:
+        body.append("    }")
+    return [_kernel(ctx, "cache_write", "rowreduce", bindings, lambda s: grid_1d(s * heads_in_all, 1),
+                    prelude=helpers(*parts), rows=f"(step.S * {heads_in_all}u)", width=d, body="\n".join(body))]
+
+
+def _cache_head(ctx, node_id, node: Node, x: Node, k: int, head: str) -> tuple[list[Binding], list[str], list[str]]:
+    """(bindings, helpers, body lines) writing head `head` of cache_write `node` (the k-th of its dispatch)."""
+    cache = ctx.graph[node.inputs[0]]
     slots, heads, d = cache.shape
     a = node.attrs
-    bindings, parts = [ctx.value(node.inputs[1], "x")], []
-    body = [f"    let token = row / {heads}u;",
-            f"    let src = token * {_row_width(x)}u + {a['at']}u + (row % {heads}u) * n;",
-            f"    let dst = ((step.start + token) % {slots}u) * {heads * d}u + (row % {heads}u) * n;"]
+    bindings, parts, w, out, texels = [], [], f"w{k}", f"out{k}", f"texels{k}"
+    body = [f"    let src = token * {_row_width(x)}u + {a['at']}u + ({head}) * n;",
+            f"    let dst = ((step.start + token) % {slots}u) * {heads * d}u + ({head}) * n;"]
     if a["norm"] is not None:
         body.append(_row_rms("load_x", a["eps"]).replace("base + j", "src + j"))
     if a["norm"] == "weighted":
-        bindings.append(ctx.value(node.inputs[3], "w"))
+        bindings.append(ctx.value(node.inputs[3], w))
 
     def elem(j: str) -> str:
         """Element j of the head after its norm."""
-        return f"load_x(src + {j})" + " * r" * (a["norm"] is not None) + f" * load_w({j})" * (a["norm"] == "weighted")
+        return f"load_x(src + {j})" + " * r" * (a["norm"] is not None) + f" * load_{w}({j})" * (a["norm"] == "weighted")
 
     value = elem("j")
     if a["rope"] is not None:
@@ -1063,21 +1096,18 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
         bindings.append(Binding("table", Ref("rope", key), "f32"))
         parts += [f"const HALF: u32 = {d // 2}u;", ROTATE]
         value = f"rotate({value}, {elem('select(j - HALF, j + HALF, j < HALF)')}, token, j)"
-    outs = [_out(node_id)]
+    bindings.append(Binding(out, Ref("node", node_id), "f32", write=True))
     if ctx.textures and d % 4 == 0:
         # The cache's texture copy (read by attention) is written here too, a texel (4 elements) a lane.
-        outs.append(Binding("texels", Ref("node", node_id), "f32", write=True, texture=True))
+        bindings.append(Binding(texels, Ref("node", node_id), "f32", write=True, texture=True))
         body.append(f"""    for (var t = li; t < n / 4u; t = t + WG) {{
         var v: vec4<f32>;
-        for (var c = 0u; c < 4u; c = c + 1u) {{ let j = 4u * t + c; v[c] = {value}; out[dst + j] = v[c]; }}
-        store_texels(dst / 4u + t, bitcast<vec4<u32>>(v));
+        for (var c = 0u; c < 4u; c = c + 1u) {{ let j = 4u * t + c; v[c] = {value}; {out}[dst + j] = v[c]; }}
+        store_{texels}(dst / 4u + t, bitcast<vec4<u32>>(v));
     }}""")
     else:
-        body.append(f"    for (var j = li; j < n; j = j + WG) {{ out[dst + j] = {value}; }}")
-    rows = f"(step.S * {heads}u)"
-    return [_kernel(ctx, "cache_write", "rowreduce", bindings + outs,
-                    lambda s: grid_1d(s * heads, 1), prelude=helpers(*parts), rows=rows, width=d,
-                    body="\n".join(body))]
+        body.append(f"    for (var j = li; j < n; j = j + WG) {{ {out}[dst + j] = {value}; }}")
+    return bindings, parts, body
 
 
 def _moe(ctx, node_id, node: Node) -> list[Kernel]:
