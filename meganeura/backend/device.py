@@ -32,6 +32,7 @@ class Device:
     max_binding: int                    # bytes one storage binding may cover (may be forced lower)
     layout: str = "gpu"                 # "cpu": lanes are SIMD lanes of a CPU core (lavapipe), see kernels
     pipelines: dict = field(default_factory=dict)
+    measured_subgroup_size: int | None = None
 
     @property
     def has_f16(self) -> bool:
@@ -47,9 +48,9 @@ class Device:
         as wgpu reports only a range."""
         if not self.has_subgroups:
             return 0
-        if "subgroup_size" not in self.limits:
-            self.limits["subgroup_size"] = _measure_subgroup_size(self.wgpu_device)
-        return self.limits["subgroup_size"]
+        if self.measured_subgroup_size is None:
+            self.measured_subgroup_size = _measure_subgroup_size(self.wgpu_device)
+        return self.measured_subgroup_size
 
     @property
     def textures(self) -> bool:
