@@ -2,7 +2,7 @@
 // step's own (position j in row j) or a ring-buffer cache (position j in slot j mod slots).
 // Keys are visited in blocks of 64 with an online softmax, so any cache length fits in workgroup memory.
 // Split over the keys (decode steps over a long cache): the grid's z runs split the query's keys and
-// each writes its partial (max, sum, unnormalised values) for a combine pass (key_range, epilogue).
+// each writes its partial (max, sum, unnormalised values) for a combine pass (key_bounds, epilogue).
 // Heads are read straight out of [tokens, row] tensors at a column offset, so one packed Q|K|V projection
 // can serve all three. Specialised by substitution: q and k may be RMS-normed (q_elem/k_elem) and
 // RoPE-rotated as they are loaded, v unit-normed (v_scale); without those the loads are plain.
@@ -63,10 +63,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let h = wg.x;                        // query head
     let g = h / ${group}u;               // its kv head
     let qi = Tk - S + i;                 // the query's index among the keys
-    var lo = 0u;
-    ${window_lo}
-    var hi = qi + 1u;                    // the query sees keys lo .. hi - 1
-    ${key_range}
+    // The query sees keys lo .. hi - 1 (of its split's share, for a split pass).
+${key_bounds}
     let q_base = i * ${q_row}u + ${q_at}u + h * D;
     for (var d = li; d < D; d = d + WG) { acc[d] = 0.0; q_raw[d] = load_q(q_base + d); }
     workgroupBarrier();

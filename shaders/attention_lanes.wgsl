@@ -36,10 +36,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let Tk = ${keys};
     let g = h / ${group}u;               // its kv head
     let qi = Tk - S + i;                 // the query's index among the keys
-    var lo = 0u;
-    ${window_lo}
-    var hi = qi + 1u;                    // the query sees keys lo .. hi - 1
-    ${key_range}
+    // The query sees keys lo .. hi - 1 (of its split's share, for a split pass).
+${key_bounds}
     let q_base = i * ${q_row}u + ${q_at}u + h * D;
     var rq = 1.0;
     ${q_rms}

@@ -56,7 +56,7 @@ class Device:
     def textures(self) -> bool:
         """Weights, streamed activations and KV caches are read through textures (the CPU layout: lavapipe
         fetches texels with vector loads but reads storage buffers one lane at a time); a KV cache is then
-        held twice, as the buffer its writes go to and the texture its reads come from."""
+        held twice, as a buffer and as the texture attention reads, and its writes go to both."""
         return self.layout == "cpu"
 
 

@@ -868,8 +868,6 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
         key = ctx.rope_key(Node("rope", (), {"inv_freq": inv_freq, "attention_scaling": scaling}, (), "f32"))
         bindings.append(Binding("table", Ref("rope", key), "f32"))
         parts.append(ROTATE)
-    window = a["window"]
-    window_lo = f"if (qi + 1u >= {window}u) {{ lo = qi + 1u - {window}u; }}" if window else ""
     softcap = f"s = {lit(a['softcap'])} * tanh_(s / {lit(a['softcap'])});" if a["softcap"] else ""
     if softcap:
         parts.append(TANH)
@@ -878,7 +876,7 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
                 keys="(step.start + step.S)" if cached else dim(k.shape[0]),
                 slot=f"j % {k.shape[0]}u" if cached else "j", group=nh // nkv, q_row=_row_width(q),
                 k_row=_row_width(k), v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"],
-                scale=lit(a["scale"]), window_lo=window_lo, softcap=softcap)
+                scale=lit(a["scale"]), key_bounds=_key_bounds(a["window"]), softcap=softcap)
     splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if cached else 1
     if ctx.layout == "cpu" and d % 4 == 0 and all(x % 4 == 0 for x in (_row_width(k), _row_width(v), a["k_at"],
                                                                       a["v_at"])):
@@ -911,12 +909,12 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     subs.update(q_rms=q_rms, q_elem=q_elem, k_rms=k_rms, k_elem=k_elem, q_value=q_value, k_value=k_value,
                 v_rms=v_rms, v_value=v_value)
     normalise = f"    for (var d = li; d < D; d = d + WG) {{ out[(i * {nh}u + h) * D + d] = acc[d] / l_run; }}"
-    whole = _kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1), key_range="",
+    whole = _kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1),
                     epilogue=normalise, **subs)
     if splits < 2:
         return [whole]
     return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)),
-            *_split_attention(ctx, node_id, label, bindings, nh, d, splits, subs)]
+            *_split_attention(ctx, node_id, label, bindings, nh, d, splits, a["window"], subs)]
 
 
 def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict) -> list[Kernel]:
@@ -963,7 +961,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                 f"        {out}[o] = a.x; {out}[o + 1u] = a.y; {out}[o + 2u] = a.z; {out}[o + 3u] = a.w;\n    }}")
 
     lanes = lambda per_query: lambda s: grid_1d(s * per_query, LANES_WG)
-    whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, key_range="", wg=LANES_WG,
+    whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, wg=LANES_WG,
                     epilogue=stores("out", "(i * HEADS + h) * D", " / l_run"), **common)
     if splits < 2:
         return [whole]
@@ -971,10 +969,10 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     scratch = Ref("scratch", node_id, nh * splits * record * 4)
     epilogue = (f"    let rec = ((i * HEADS + h) * SPLITS + z) * {record}u;\n    part[rec] = m_run; part[rec + 1u] = l_run;\n"
                 + stores("part", "rec + 2u", ""))
+    split_bounds = _key_bounds(a["window"], "z", splits, LANE_KEYS)
     partials = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [Binding("part", scratch, "f32", write=True)],
-                       lanes(nh * splits), splits=splits, key_range=_split_range(splits, "z", LANE_KEYS),
-                       wg=LANES_WG, epilogue=epilogue,
-                       **common)
+                       lanes(nh * splits), splits=splits, wg=LANES_WG, epilogue=epilogue,
+                       **{**common, "key_bounds": split_bounds})
     return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
             _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
 
@@ -993,27 +991,36 @@ CPU_LANES = 2 * LANES_WG * (os.cpu_count() or 1)
 LANE_KEYS = 16
 
 
-def _split_attention(ctx, node_id, label, bindings, nh: int, d: int, splits: int, subs: dict) -> list[Kernel]:
+def _split_attention(ctx, node_id, label, bindings, nh: int, d: int, splits: int, window: int | None,
+                     subs: dict) -> list[Kernel]:
     """The attention template with its keys split across grid z, writing partials (m, l, acc[d]) per
-    (query, head, split) to scratch, then a rowreduce pass per (query, head) that merges them."""
+    (query, head, split) to scratch, then a pass per output element that merges them."""
     record = d + 2
     scratch = Ref("scratch", node_id, nh * splits * record * 4)       # bytes per token
-    key_range = _split_range(splits, "wg.z", min(64, KEYS_PER_SPLIT))
+    key_bounds = _key_bounds(window, "wg.z", splits, min(64, KEYS_PER_SPLIT))
     epilogue = (f"    let rec = ((i * {nh}u + h) * {splits}u + wg.z) * {record}u;\n"
                 "    if (li == 0u) { part[rec] = m_run; part[rec + 1u] = l_run; }\n"
                 "    for (var d = li; d < D; d = d + WG) { part[rec + 2u + d] = acc[d]; }")
     partials = _kernel(ctx, f"{label}_split", "attention", bindings + [Binding("part", scratch, "f32", write=True)],
-                       lambda s: (nh, s, splits), key_range=key_range, epilogue=epilogue, **subs)
+                       lambda s: (nh, s, splits), epilogue=epilogue, **{**subs, "key_bounds": key_bounds})
     return [replace(partials, tokens=(1, SPLIT_TOKENS)), _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
 
 
-def _split_range(splits: int, split: str, align: int) -> str:
-    """Narrow lo..hi to share `split` of `splits`: equal shares of the keys the query sees (known only at
-    run time: they grow with step.start), rounded up to whole blocks of `align` keys (attention.wgsl's
-    64-key blocks, so no split visits more blocks than needed). Late shares may be empty (lo == hi): their
-    partial is neutral (m = -3e38, l = 0) and weighs nothing in the merge."""
-    return (f"let share = ((hi - lo + {splits - 1}u) / {splits}u + {align - 1}u) / {align}u * {align}u;\n"
-            f"    lo = min(hi, lo + {split} * share);\n    hi = min(hi, lo + share);")
+def _key_bounds(window: int | None, split: str = "", splits: int = 1, align: int = 1) -> str:
+    """Attention's lines setting lo .. hi - 1, the keys the query at index qi among the keys sees: causal,
+    within the sliding window, and with `splits` > 1 narrowed to share `split` of them. The shares are
+    equal shares of the keys the query sees (known only at run time: they grow with step.start), rounded
+    up to whole blocks of `align` keys (attention.wgsl's 64-key blocks, so no split visits more blocks
+    than needed). Late shares may be empty (lo == hi): their partial is neutral (m = -3e38, l = 0) and
+    weighs nothing in the merge."""
+    lines = ["var lo = 0u;"]
+    if window:
+        lines.append(f"if (qi + 1u >= {window}u) {{ lo = qi + 1u - {window}u; }}")
+    lines.append("var hi = qi + 1u;")
+    if splits > 1:
+        lines += [f"let share = ((hi - lo + {splits - 1}u) / {splits}u + {align - 1}u) / {align}u * {align}u;",
+                  f"lo = min(hi, lo + {split} * share);", "hi = min(hi, lo + share);"]
+    return "\n".join("    " + line for line in lines)
 
 
 def _combine_splits(ctx, node_id, label, scratch: Ref, nh: int, d: int, splits: int) -> Kernel:
