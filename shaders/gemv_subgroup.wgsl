@@ -1,7 +1,7 @@
 // One token's product on a CPU device: out[col] = epilogue(sum_k a[k] * w[col, k]). There an invocation is a
 // SIMD lane and a subgroup one vector of lanes; the L lanes of a subgroup split every weight row's packs
-// (lane l takes packs l, l + L, ...), so together they read a row as one contiguous run. Each lane loads its
-// share of the token's packs once, into registers, before the rows: the activation is read once per
+// (lane l takes packs l, l + L, ..., or texels of 2 or 4 quantized packs), so together they read a row as
+// one contiguous run. Each lane loads its share of the token's packs once, into registers, before the rows: the activation is read once per
 // subgroup, not once per weight row (stream.wgsl), so it comes straight from its storage buffer and the
 // reads left are the weight's. A subgroup walks a range of rows; each row's partial sums are added across
 // it (subgroupAdd) and lane 0 stores the row. Subgroups are consecutive runs of L local invocations.
@@ -14,6 +14,7 @@ struct Pack { lo: vec4<f32>, hi: vec4<f32>, s: f32 }
 const WG: u32 = ${wg}u;
 const L: u32 = ${lanes}u;
 const PACKS: u32 = ${packs}u;             // packs per row (K / 8)
+const STEPS: u32 = ${steps}u;             // a lane's steps along a row: packs, or texels of several packs
 const ROWS: u32 = ${rows}u;               // rows per subgroup
 
 // The pack, or zeros past the row's end (a lane with no pack there).

@@ -202,26 +202,29 @@ def _declare_quantized(slot: int, b: Binding) -> list[str]:
 
 
 def _quantized_accessors(b: Binding, word, pair) -> list[str]:
-    """A quantized weight (quant plane, then f16 scales at word `scales_at`): its scale per group and
-    `load_<name>(i)` or, for packs, `pack_<name>(i)` (a group holds whole packs: 8 | group). `word(j)` is
-    the expression of u32 word j, `pair(i)` that of word 2i + {c} (c = 0, 1)."""
+    """A quantized weight (quant plane, then f16 scales at word `scales_at`): its scale per group,
+    `unpack_<name>(words.., s)` (a pack of 8 elements from its words, q8's two or q4's one, times s) and
+    `load_<name>(i)`, or for packs `pack_<name>(i)` (a group holds whole packs: 8 | group). `word(j)` is the
+    expression of u32 word j, `pair(i)` that of word 2i + {c} (c = 0, 1)."""
     name, g = b.name, b.group
     out = [f"fn scale_{name}(g: u32) -> f32 {{ let v = unpack2x16float({word(f'{b.scales_at}u + (g >> 1u)')}); "
            f"return select(v.x, v.y, (g & 1u) == 1u); }}"]
     if b.dtype == "q8":
         # A byte shifted to the top of the word, then arithmetically back down: its sign extended.
         load = f"f32(bitcast<i32>({word('i >> 2u')} << (24u - 8u * (i & 3u))) >> 24u)"
-        word4 = "vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u))"
-        pack = (f"var q = {pair('i').format(c=0)}; let lo = {word4}; q = {pair('i').format(c=1)}; "
-                f"return Pack(lo, {word4}, scale_{name}(i / {g // 8}u));")
+        bytes4 = "vec4<f32>(bitcast<vec4<i32>>(vec4<u32>({0} << 24u, {0} << 16u, {0} << 8u, {0})) >> vec4<u32>(24u))"
+        out.append(f"fn unpack_{name}(a: u32, b: u32, s: f32) -> Pack {{ return Pack({bytes4.format('a')}, "
+                   f"{bytes4.format('b')}, s); }}")
+        pack = f"return unpack_{name}({pair('i').format(c=0)}, {pair('i').format(c=1)}, scale_{name}(i / {g // 8}u));"
     else:
         load = f"(f32(({word('i >> 3u')} >> (4u * (i & 7u))) & 15u) - 8.0)"
         nibbles = "(vec4<f32>((vec4<u32>(q) >> vec4<u32>({})) & vec4<u32>(15u)) - 8.0)"
-        pack = (f"let q = {word('i')}; return Pack({nibbles.format('0u, 4u, 8u, 12u')}, "
-                f"{nibbles.format('16u, 20u, 24u, 28u')}, scale_{name}(i / {g // 8}u));")
-    out.append(f"fn pack_{name}(i: u32) -> Pack {{ {pack} }}" if b.packs else
-               f"fn load_{name}(i: u32) -> f32 {{ return {load} * scale_{name}(i / {g}u); }}")
-    return out
+        out.append(f"fn unpack_{name}(q: u32, s: f32) -> Pack {{ return Pack({nibbles.format('0u, 4u, 8u, 12u')}, "
+                   f"{nibbles.format('16u, 20u, 24u, 28u')}, s); }}")
+        pack = f"return unpack_{name}({word('i')}, scale_{name}(i / {g // 8}u));"
+    if not b.packs:
+        return out[:1] + [f"fn load_{name}(i: u32) -> f32 {{ return {load} * scale_{name}(i / {g}u); }}"]
+    return out + [f"fn pack_{name}(i: u32) -> Pack {{ {pack} }}"]
 
 
 TANH = "fn tanh_(x: f32) -> f32 { let e = exp(-2.0 * abs(x)); return sign(x) * (1.0 - e) / (1.0 + e); }"
@@ -655,35 +658,63 @@ def _gemv_fits(ctx, k: int) -> bool:
 def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int, epilogue: list[str],
                  out_stride: int, *, gated: bool, norm, eps: float, weighted: bool) -> Kernel:
     """The one-token variant of a streamed product on a CPU device with subgroups (gemv_subgroup.wgsl)."""
-    lanes, packs = ctx.subgroup_size, k // 8
-    shares = -(-packs // lanes)                     # packs per lane; the last share may be partial
+    lanes, packs, w = ctx.subgroup_size, k // 8, bindings[1]
+    # A lane's step: a pack, or a whole texel of a quantized weight in a texture (2 q8 or 4 q4 packs under
+    # one scale), so that no lane picks its words out of a texel by a lane-varying index (a scalar loop).
+    per = {"q8": 2, "q4": 4}.get(w.dtype, 1) if w.texture else 1
+    if packs % per or (w.group // 8) % per:
+        per = 1
+    steps = packs // per
+    shares = -(-steps // lanes)                     # steps per lane; the last share may be partial
     subgroups = max(1, min(GEMV_SUBGROUPS, n // GEMV_MIN_ROWS))
     rows = -(-n // subgroups)
     load_x, body = [], []
+    if per > 1:
+        body.append("            let s_row = scale_w(n);" + " let s_up = scale_w(n + N);" * gated if w.group == k
+                    else "")
     for c in range(shares):
-        p = f"{c * lanes}u + lane"
-        inside = f"{p} < PACKS" if (c + 1) * lanes > packs else ""
-        at = f"min({p}, PACKS - 1u)" if inside else p
-        raw = f"pack_a(m * PACKS + {at})"
-        load_x.append(f"        let raw{c} = {f'masked({raw}, {inside})' if inside else raw};")
-        if norm is not None:
-            load_x.append(f"        ss = ss + dot(raw{c}.lo, raw{c}.lo) + dot(raw{c}.hi, raw{c}.hi);")
-        if weighted:
-            load_x.append(f"        let nw{c} = pack_nw({at});")
-            load_x.append(f"        let x{c} = Pack(raw{c}.lo * nw{c}.lo, raw{c}.hi * nw{c}.hi, 1.0);")
-        else:
-            load_x.append(f"        let x{c} = raw{c};")
-        lines = [f"let w = pack_w(n * PACKS + {p}); acc = acc + (dot(w.lo, x{c}.lo) + dot(w.hi, x{c}.hi)) * w.s;"]
+        t = f"{c * lanes}u + lane"
+        inside = f"{t} < STEPS" if (c + 1) * lanes > steps else ""
+        at = f"min({t}, STEPS - 1u)" if inside else t
+        xs = []
+        for j in range(per):
+            p = f"{per}u * ({at}) + {j}u" if per > 1 else at
+            xc = f"x{c}_{j}"
+            xs.append(xc)
+            raw = f"pack_a(m * PACKS + {p})"
+            load_x.append(f"        let raw{xc} = {f'masked({raw}, {inside})' if inside else raw};")
+            if norm is not None:
+                load_x.append(f"        ss = ss + dot(raw{xc}.lo, raw{xc}.lo) + dot(raw{xc}.hi, raw{xc}.hi);")
+            if weighted:
+                load_x.append(f"        let nw{xc} = pack_nw({p});")
+                load_x.append(f"        let {xc} = Pack(raw{xc}.lo * nw{xc}.lo, raw{xc}.hi * nw{xc}.hi, 1.0);")
+            else:
+                load_x.append(f"        let {xc} = raw{xc};")
+
+        def product(sum_: str, row: str, scale: str) -> str:
+            if per == 1:
+                return (f"let w = pack_w({row} * PACKS + {t}); "
+                        f"{sum_} = {sum_} + (dot(w.lo, {xs[0]}.lo) + dot(w.hi, {xs[0]}.hi)) * w.s;")
+            q = f"let q = texel_w({row} * STEPS + {t}); "
+            words = [f"q.{'xyzw'[j]}" for j in range(4)] if per == 4 else ["q.x, q.y", "q.z, q.w"]
+            dots = " + ".join(f"dot(w{j}.lo, {xc}.lo) + dot(w{j}.hi, {xc}.hi)" for j, xc in enumerate(xs))
+            unpacked = " ".join(f"let w{j} = unpack_w({words[j]}, 1.0);" for j in range(per))
+            return f"{q}{unpacked} {sum_} = {sum_} + ({dots}) * {scale};"
+
+        def scale(row: str, whole_row: str) -> str:
+            return whole_row if w.group == k else f"scale_w(({row} * PACKS + {per}u * ({t})) / {w.group // 8}u)"
+
+        lines = [product("acc", "n", scale("n", "s_row"))]
         if gated:
-            lines.append(f"let u = pack_w((n + N) * PACKS + {p}); up = up + (dot(u.lo, x{c}.lo) + dot(u.hi, x{c}.hi)) * u.s;")
-        inner = " ".join(lines)
-        body.append(f"            if ({inside}) {{ {inner} }}" if inside else f"            {{ {inner} }}")
+            lines.append(product("up", "(n + N)", scale("(n + N)", "s_up")))
+        inner = " ".join(f"{{ {line} }}" for line in lines)
+        body.append(f"            if ({inside}) {{ {inner} }}" if inside else f"            {inner}")
     row_scale = f"1.0 / sqrt(subgroupAdd(ss) / f32(K) + {lit(eps)})" if norm is not None else "1.0"
     blocks = -(-n // rows)
     kernel = _kernel(ctx, f"{label}_gemv", "gemv_subgroup", bindings, lambda s: grid_1d(blocks * lanes, STREAM_WG),
-                     prelude=helpers(*parts), wg=STREAM_WG, lanes=lanes, packs=packs, rows=rows,
+                     prelude=helpers(*parts), wg=STREAM_WG, lanes=lanes, packs=packs, steps=steps, rows=rows,
                      m=f"({numel(x.shape)} / {k}u)", n=n, col0=col0, out_stride=out_stride,
-                     load_x="\n".join(load_x), row_scale=row_scale, body="\n".join(body),
+                     load_x="\n".join(load_x), row_scale=row_scale, body="\n".join(b for b in body if b),
                      epilogue="\n".join("                " + line for line in epilogue))
     return replace(kernel, tokens=(1, 1))
 
