@@ -1,7 +1,9 @@
 // Causal (optionally sliding-window) softmax attention with one invocation per (query, head, split of the
 // keys), each walking its keys alone with an online softmax: the CPU layout's attention. There an
 // invocation is a SIMD lane of a core, and attention.wgsl's workgroup barriers and shared reductions
-// (emulated in software) cost far more than the arithmetic they share; a lane needs neither. The math,
+// (emulated in software) cost far more than the arithmetic they share; a lane needs neither. A decode
+// step's split either writes records for a merge pass, or, with subgroups, gives one query's keys to the
+// lanes of a subgroup, which merge their softmaxes with subgroup operations in the same pass. The math,
 // the ring-buffer cache, the split records and the substitutions follow attention.wgsl.
 ${bindings}
 
@@ -28,8 +30,8 @@ fn k_value(k_base: u32, d: u32, r: f32, j: u32) -> f32 { return ${k_value}; }
 @compute @workgroup_size(${wg})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let lane = gid.y * nwg.x * ${wg}u + gid.x;
-    let h = lane % HEADS;                // query head
-    let z = (lane / HEADS) % SPLITS;     // share of the keys
+    let z = lane % SPLITS;               // share of the keys (with subgroups, the lane in its subgroup)
+    let h = (lane / SPLITS) % HEADS;     // query head
     let i = lane / (HEADS * SPLITS);     // query row
     let S = ${queries};
     if (i >= S) { return; }

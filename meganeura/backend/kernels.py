@@ -996,6 +996,18 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                     epilogue=stores("out", "(i * HEADS + h) * D", " / l_run"), **common)
     if splits < 2:
         return [whole]
+    sub = ctx.subgroup_size
+    if sub > 1 and LANES_WG % sub == 0:
+        # The lanes of a subgroup share the keys (lanes in step walk equal shares) and merge their online
+        # softmaxes with subgroup operations, in the same dispatch.
+        merge = ("    let m_all = subgroupMax(m_run);\n    let weight = exp(m_run - m_all);\n"
+                 "    let l_all = subgroupAdd(l_run * weight);\n"
+                 "    for (var c = 0u; c < D / 4u; c = c + 1u) { acc[c] = subgroupAdd(acc[c] * weight); }\n"
+                 "    if (z == 0u) {\n" + stores("out", "(i * HEADS + h) * D", " / l_all") + "\n    }")
+        shared = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [_out(node_id)], lanes(nh * sub),
+                         splits=sub, wg=LANES_WG, epilogue=merge, **{**common, "key_bounds": _key_bounds(
+                             a["window"], "z", sub)})
+        return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(shared, tokens=(1, SPLIT_TOKENS))]
     record = d + 2
     scratch = Ref("scratch", node_id, nh * splits * record * 4)
     epilogue = (f"    let rec = ((i * HEADS + h) * SPLITS + z) * {record}u;\n    part[rec] = m_run; part[rec + 1u] = l_run;\n"
