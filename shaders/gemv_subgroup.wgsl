@@ -1,10 +1,12 @@
 // One token's product on a CPU device: out[col] = epilogue(sum_k a[k] * w[col, k]). There an invocation is a
 // SIMD lane and a subgroup one vector of lanes; the L lanes of a subgroup split every weight row's packs
 // (lane l takes packs l, l + L, ..., or texels of 2 or 4 quantized packs), so together they read a row as
-// one contiguous run. Each lane loads its share of the token's packs once, into registers, before the rows: the activation is read once per
-// subgroup, not once per weight row (stream.wgsl), so it comes straight from its storage buffer and the
-// reads left are the weight's. A subgroup walks a range of rows; each row's partial sums are added across
-// it (subgroupAdd) and lane 0 stores the row. Subgroups are consecutive runs of L local invocations.
+// one contiguous run. Each lane loads its share of the token's packs once, into registers, before the
+// rows: the activation is read once per subgroup, not once per weight row (stream.wgsl), so it comes
+// straight from its storage buffer and the reads left are the weight's. A subgroup walks a range of rows; each row's partial sums are added across
+// it (subgroupAdd) and lane 0 stores the row; a gated product walks its gate and up rows together, and
+// others with short rows walk rows n and n + N together (N then half the outputs), for more loads in
+// flight. Subgroups are consecutive runs of L local invocations.
 // A step of one token may still hold several rows (x [S, 2, K]): they take turns.
 // A norm prologue is folded in as in stream.wgsl: 1/rms from the token's sum of squares scales the sums.
 ${bindings}
@@ -40,13 +42,9 @@ ${load_x}
             var up = 0.0;
 ${body}
             let total = subgroupAdd(acc);
-            let total_up = subgroupAdd(up);
+            let total_up = ${total_up};          // the second row's: a gated product's up row, or row n + N
             if (lane == 0u) {
-                let col = ${col0}u + n;
-                var y = total * r;
-                let acc_up = total_up * r;
-${epilogue}
-                out[m * ${out_stride}u + col] = y;
+${store}
             }
         }
     }

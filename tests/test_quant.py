@@ -79,12 +79,12 @@ def test_quantized_linear_equals_the_reference_on_the_same_values(s, k, n, act, 
 
 
 @pytest.mark.parametrize("mode, k", [("q4", 32), ("q4", 288), ("q8_0", 64), ("q8", 96), ("q8", 40)])
-@pytest.mark.parametrize("act, norm", [(None, None), ("silu", "weighted")])
-def test_quantized_decode_products(mode, k, act, norm):
+@pytest.mark.parametrize("act, norm, n", [(None, None, 37), (None, "weighted", 38), ("silu", "weighted", 37)])
+def test_quantized_decode_products(mode, k, act, norm, n):
     """One token on a CPU device: a lane takes whole texels of quantized packs (4 q4 or 2 q8 under one
     scale; q8's scale is the row's) over shares partial at the row's end, or packs where a row's packs
-    do not fill whole texels (q8 with K = 40)."""
-    check_quantized_linear(1, k, 37, act, norm, mode, "cpu", None, False)
+    do not fill whole texels (q8 with K = 40); rows go in pairs (gate and up, or n and n + N / 2)."""
+    check_quantized_linear(1, k, n, act, norm, mode, "cpu", None, False)
 
 
 def check_quantized_linear(s, k, n, act, norm, mode, layout, window_rows, plain_device):

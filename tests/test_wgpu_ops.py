@@ -221,6 +221,18 @@ def test_linear_streamed(layout, s, k, n, lead, norm, act, bias, softcap, residu
         check(g, out, feed, params, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n, k", [(38, 64), (38, 1024), (37, 64)])
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_decode_product_rows_in_pairs(n, k, lead):
+    """A one-token product on a CPU device with short rows walks rows n and n + N / 2 together, each with its
+    own bias, softcap and residual (an odd N, or long rows, one at a time)."""
+    g = mn.Graph()
+    out, feed, params = linear_case(g, 1, k, n, lead, "weighted", True, None, 1.5, True, "bf16")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", "cpu")
+        check(g, out, feed, params, rtol=1e-4)
+
+
 @settings(max_examples=12, deadline=None)
 @given(s=st.integers(1, 150), k=st.integers(1, 80), n=st.integers(1, 150), lead=st.sampled_from([(), (2,)]),
        norm=st.sampled_from([None, "weighted", "unit"]), act=st.sampled_from([None, "silu", "gelu_tanh"]),
