@@ -678,9 +678,8 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
     places = per == 4
     if places:
         parts = [*parts, Q4_PLACES]
-    if per > 1:
-        body.append("            let s_row = scale_w(n);" + " let s_up = scale_w(n + N);" * (gated or paired)
-                    if w.group == k else "")
+    if per > 1 and w.group == k:            # q8's one scale a row
+        body.append("            let s_row = scale_w(n);" + " let s_up = scale_w(n + N);" * (gated or paired))
     for c in range(shares):
         t = f"{c * lanes}u + lane"
         inside = f"{t} < STEPS" if (c + 1) * lanes > steps else ""
@@ -708,17 +707,16 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
                 load_x.append(f"        let p{xc} = Pack({xc}.lo * PLACE_LO, {xc}.hi * PLACE_HI, 1.0);")
 
         def product(sum_: str, row: str, scale: str) -> str:
-            if places:
-                dots = " + ".join(f"dot(lo_places(q.{c}), p{xc}.lo) + dot(hi_places(q.{c}), p{xc}.hi)"
-                                  for c, xc in zip("xyzw", xs))
-                return f"let q = texel_w({row} * STEPS + {t}); {sum_} = {sum_} + ({dots} - sum{c}) * {scale};"
             if per == 1:
                 return (f"let w = pack_w({row} * PACKS + {t}); "
                         f"{sum_} = {sum_} + (dot(w.lo, {xs[0]}.lo) + dot(w.hi, {xs[0]}.hi)) * w.s;")
             q = f"let q = texel_w({row} * STEPS + {t}); "
-            words = [f"q.{'xyzw'[j]}" for j in range(4)] if per == 4 else ["q.x, q.y", "q.z, q.w"]
+            if places:              # q4: four packs of nibbles
+                dots = " + ".join(f"dot(lo_places(q.{c}), p{xc}.lo) + dot(hi_places(q.{c}), p{xc}.hi)"
+                                  for c, xc in zip("xyzw", xs))
+                return f"{q}{sum_} = {sum_} + ({dots} - sum{c}) * {scale};"
+            unpacked = "let w0 = unpack_w(q.x, q.y, 1.0); let w1 = unpack_w(q.z, q.w, 1.0);"     # q8: two packs
             dots = " + ".join(f"dot(w{j}.lo, {xc}.lo) + dot(w{j}.hi, {xc}.hi)" for j, xc in enumerate(xs))
-            unpacked = " ".join(f"let w{j} = unpack_w({words[j]}, 1.0);" for j in range(per))
             return f"{q}{unpacked} {sum_} = {sum_} + ({dots}) * {scale};"
 
         def scale(row: str, whole_row: str) -> str:
@@ -743,7 +741,7 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
                      prelude=helpers(*parts), wg=STREAM_WG, lanes=lanes, packs=packs, steps=steps, rows=rows,
                      m=f"({numel(x.shape)} / {k}u)", n=n, col0=col0, out_stride=out_stride,
                      total_up="subgroupAdd(up)" if gated or paired else "0.0", store=store,
-                     load_x="\n".join(load_x), row_scale=row_scale, body="\n".join(b for b in body if b))
+                     load_x="\n".join(load_x), row_scale=row_scale, body="\n".join(body))
     return replace(kernel, tokens=(1, 1))
 
 

@@ -437,22 +437,21 @@ class WgpuRunner:
             self._encodings[tokens] = steps
         return self._encodings[tokens]
 
-    def encode_step(self, enc, tokens: int, start: int, reps: int = 1):
-        """The dispatches of a step of `tokens` tokens at position `start` (`reps` times over), in compute
-        passes broken only where a value is copied to its texture."""
+    def encode_step(self, enc, tokens: int, start: int):
+        """The dispatches of a step of `tokens` tokens at position `start`, in compute passes broken only
+        where a value is copied to its texture."""
         cp = None
-        for _ in range(reps):
-            for d in self.encoding(tokens):
-                if d.mirrors and cp is not None:
-                    cp.end()
-                    cp = None
-                for j in d.mirrors:
-                    self._mirror(enc, j, tokens, start)
-                if cp is None:
-                    cp = enc.begin_compute_pass()
-                cp.set_pipeline(d.pipeline)
-                cp.set_bind_group(0, d.group)
-                cp.dispatch_workgroups(*d.grid)
+        for d in self.encoding(tokens):
+            if d.mirrors and cp is not None:
+                cp.end()
+                cp = None
+            for j in d.mirrors:
+                self._mirror(enc, j, tokens, start)
+            if cp is None:
+                cp = enc.begin_compute_pass()
+            cp.set_pipeline(d.pipeline)
+            cp.set_bind_group(0, d.group)
+            cp.dispatch_workgroups(*d.grid)
         if cp is not None:
             cp.end()
 
