@@ -36,10 +36,13 @@ READ_PATTERNS = {
 FMA_CHAINS = (8, 16, 32)     # independent vec4 chains per invocation (the ILP variants)
 
 
-def _seconds_per_dispatch(gpu, pipe, group, groups: int, sink) -> float:
+def _seconds_per_dispatch(dev: Device, pipe, group, groups: int, sink) -> float:
     """Seconds one dispatch of `groups` workgroups takes: dispatches back to back in one pass, as many as
-    run TARGET_S, best of three batches (after one warm-up batch)."""
+    run TARGET_S, best of three batches (after one warm-up batch); timed as a step runs (`awake`)."""
+    gpu = dev.wgpu_device
+
     def batch(n: int) -> float:
+        dev.awake()
         t = time.perf_counter()
         enc = gpu.create_command_encoder()
         cp = enc.begin_compute_pass()
@@ -68,14 +71,14 @@ def _kernel(gpu, source: str, buffers):
     return pipe, group
 
 
-def _best_rates(gpu, variants: dict, sink, rounds: int = 2) -> dict:
+def _best_rates(dev: Device, variants: dict, sink, rounds: int = 2) -> dict:
     """{variant: work per second} of variants {name: (pipeline, bind group, workgroups, work per dispatch)},
     each timed once per round and its best kept: rounds interleave the variants, so a moment of
     interference from other processes does not decide which one wins."""
     best = {name: 0.0 for name in variants}
     for _ in range(rounds):
         for name, (pipe, group, groups, work) in variants.items():
-            best[name] = max(best[name], work / _seconds_per_dispatch(gpu, pipe, group, groups, sink))
+            best[name] = max(best[name], work / _seconds_per_dispatch(dev, pipe, group, groups, sink))
     return best
 
 
@@ -130,7 +133,7 @@ def stream_read(device: Device | None = None, nbytes: int = 256 << 20) -> dict[s
                         declare=declare, body=body, unroll=unroll, reduce=_horizontal(f"({total})", op))
         variants[name] = _kernel(gpu, source, [texture if textured else data, sink]) + (invocations // WG,
                                                                                       nbytes / 1e9)
-    return _best_rates(gpu, variants, sink, rounds=3)
+    return _best_rates(dev, variants, sink, rounds=3)
 
 
 def _horizontal(v: str, op: str) -> str:
@@ -152,4 +155,4 @@ def fma_gflops(device: Device | None = None, groups: int = 1024, iterations: int
         source = render("fma", wg=WG, iterations=iterations, declare=declare, body=body,
                         reduce=_horizontal(f"({total})", "+"))
         variants[chains] = _kernel(gpu, source, [sink]) + (groups, invocations * iterations * chains * 8 / 1e9)
-    return _best_rates(gpu, variants, sink)
+    return _best_rates(dev, variants, sink)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .polling import pollers
+
 OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "immediates")
 PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
@@ -58,6 +60,11 @@ class Device:
         fetches texels with vector loads but reads storage buffers one lane at a time); a KV cache is then
         held twice, as a buffer and as the texture attention reads, and its writes go to both."""
         return self.layout == "cpu"
+
+    def awake(self):
+        """Called before a submit: on a CPU device, keep its idle cores polling while the submit runs."""
+        if self.adapter_type == "CPU" and (spinners := pollers()) is not None:
+            spinners.kick()
 
 
 def _measure_subgroup_size(gpu) -> int:

@@ -467,6 +467,7 @@ class WgpuRunner:
         inputs to outputs: a step takes those inputs from the step before it, copied on the device (the
         first step from the last one submitted before, unless `fed` holds them), so the host need not read
         a step back before queuing the next. Other array inputs come from `fed`, for the first step only."""
+        self.dev.awake()
         began = time.perf_counter()
         chained = chained or {}
         self.bind_weights(weights)
