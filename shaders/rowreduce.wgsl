@@ -1,8 +1,8 @@
 // One workgroup per row of the last axis: a tree reduction in workgroup memory, then a pointwise pass.
 ${bindings}
 
-const WG: u32 = 64u;
-var<workgroup> partial: array<f32, 64>;
+const WG: u32 = ${wg}u;
+var<workgroup> partial: array<f32, ${wg}>;
 
 fn reduce_sum(v: f32, li: u32) -> f32 {
     partial[li] = v;
@@ -28,7 +28,7 @@ fn reduce_max(v: f32, li: u32) -> f32 {
     return r;
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(${wg})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let row = wg.y * nwg.x + wg.x;
