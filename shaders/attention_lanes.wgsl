@@ -3,7 +3,10 @@
 // invocation is a SIMD lane of a core, and attention.wgsl's workgroup barriers and shared reductions
 // (emulated in software) cost far more than the arithmetic they share; a lane needs neither. A decode
 // step's split either writes records for a merge pass, or, with subgroups, gives one query's keys to the
-// lanes of a subgroup, which merge their softmaxes with subgroup operations in the same pass. The math,
+// lanes of a subgroup, which merge their softmaxes with subgroup operations in the same pass. A longer
+// step with subgroups gives a subgroup's lanes consecutive queries of one head: they walk the same keys,
+// each lane fetches a share of a key's texels and the subgroup broadcasts them (a texel fetch costs a
+// CPU far more than a broadcast). The math,
 // the ring-buffer cache, the split records and the substitutions follow attention.wgsl.
 ${bindings}
 
@@ -28,13 +31,10 @@ fn k_elem(k_base: u32, d: u32, r: f32) -> f32 { ${k_elem} }
 fn k_value(k_base: u32, d: u32, r: f32, j: u32) -> f32 { return ${k_value}; }
 
 @compute @workgroup_size(${wg})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>${subgroup_args}) {
     let lane = gid.y * nwg.x * ${wg}u + gid.x;
-    let z = lane % SPLITS;               // share of the keys (with subgroups, the lane in its subgroup)
-    let h = (lane / SPLITS) % HEADS;     // query head
-    let i = lane / (HEADS * SPLITS);     // query row
     let S = ${queries};
-    if (i >= S) { return; }
+${lanes}
     let Tk = ${keys};
     let g = h / ${group}u;               // its kv head
     let qi = Tk - S + i;                 // the query's index among the keys
@@ -52,20 +52,23 @@ ${key_bounds}
     var acc: array<vec4<f32>, ${quads}>;
     var m_run = -3.0e38;
     var l_run = 0.0;
-    for (var j = lo; j < hi; j = j + 1u) {
+    let keys_from = ${first_key};
+    let keys_to = ${end_key};
+    for (var j = keys_from; j < keys_to; j = j + 1u) {
         let k_base = slot(j) * ${k_row}u + ${k_at}u + g * D;
         var dot4 = vec4<f32>(0.0);
 ${score}
         var s = (dot4.x + dot4.y + dot4.z + dot4.w) * ${scale};
         ${softcap}
-        let m_new = max(m_run, s);
+        let seen = ${seen};          // a key of this lane's query (lanes that share keys walk all of theirs)
+        let m_new = select(m_run, max(m_run, s), seen);
         let correction = exp(m_run - m_new);
-        var p = exp(s - m_new);
+        var p = select(0.0, exp(s - m_new), seen);
         l_run = l_run * correction + p;
         m_run = m_new;
         let v_base = slot(j) * ${v_row}u + ${v_at}u + g * D;
         ${v_rms}
-        for (var c = 0u; c < D / 4u; c = c + 1u) { acc[c] = fma(v4(v_base / 4u + c), vec4<f32>(p), acc[c] * correction); }
+${accumulate}
     }
 ${epilogue}
 }

@@ -1,5 +1,6 @@
 """Every op on the GPU path (lavapipe in CI) against reference.py, on hypothesis-drawn shapes including odd
 sizes, with f32/f16/bf16 weights, with and without the optional device features."""
+import math
 import os
 import tempfile
 
@@ -403,6 +404,40 @@ def test_cache_write_and_attention_over_a_cache(kv, group, half, window, at, nor
             want = ref.run(feed, weights)["y"]
             np.testing.assert_allclose(gpu.run(feed, weights)["y"], want, rtol=1e-4, atol=1e-4)
             pos += n
+
+
+@settings(max_examples=5, deadline=None)
+@given(kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), d=st.sampled_from([32, 64]),
+       window=st.one_of(st.none(), st.integers(1, 9)), norm=st.sampled_from([None, "unit"]), rope=st.booleans(),
+       fused=st.booleans(), chunks=st.lists(st.integers(1, 19), min_size=1, max_size=3))
+def test_longer_steps_share_key_fetches_across_a_subgroup(kv, group, d, window, norm, rope, fused, chunks):
+    """CPU layout, heads a multiple of 4 x subgroup wide: steps of more than SPLIT_TOKENS tokens give a
+    subgroup's lanes consecutive queries of one head, which fetch a share of each key and broadcast it (query
+    counts not a multiple of the subgroup, windows that differ lane by lane, keys from the cache's texture)."""
+    from meganeura.backend import kernels
+
+    chunk = max(chunks)
+    slots = sum(chunks) if window is None else window + chunk - 1
+    g = cached_attention_graph(kv, group, d, slots, window, 0, norm, rope, fused)
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", "cpu")
+        path = os.path.join(tmp, "w.safetensors")
+        write_safetensors(path, {"kn": (1 + rand(d, seed=5) / 4, "f32")})
+        weights = mn.open_weights(path)
+        gpu, ref = mn.compile(g, backend="wgpu", optimize=False), mn.compile(g, backend="numpy", optimize=False)
+        pos = 0
+        for step, n in enumerate(chunks):
+            feed = {"q": rand(n, kv * group, d, seed=step), "x": rand(n, 2 * kv * d, seed=50 + step),
+                    "start_pos": pos}
+            np.testing.assert_allclose(gpu.run(feed, weights)["y"], ref.run(feed, weights)["y"], rtol=1e-4,
+                                       atol=1e-4, err_msg=f"step of {n} at position {pos}")
+            pos += n
+    out = g.outputs[0]
+    shared = [k for k in gpu._runner.kernels[out] if "subgroupBroadcast(kt0" in k.source]
+    sub = gpu._runner.dev.subgroup_size
+    assert len(shared) == (sub > 1 and (d // 4) % sub == 0)
+    if shared:
+        assert shared[0].tokens == (kernels.SPLIT_TOKENS + 1, math.inf)
 
 
 @settings(max_examples=10, deadline=None)
