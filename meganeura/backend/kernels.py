@@ -625,8 +625,14 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
     if any(w_binding(i).dtype not in ("f32", "bf16", "f16", *QUANTIZED) for i in range(len(windows))):
         return tiled
     k = x.shape[-1]
+    fixed = None if S in x.shape else math.prod(x.shape) // k
+    if fixed is not None:       # rows that do not grow with the step (the head after last_row): one variant
+        variants = [v for v in variants if v[0][0] <= fixed <= v[0][1]][:1]
+        if not variants:
+            return tiled
     largest = max(hi for (_, hi), _, _ in variants)
-    kernels = [replace(t, tokens=(largest + 1, math.inf)) for t in tiled] if largest < math.inf else []
+    kernels = [replace(t, tokens=(largest + 1, math.inf)) for t in tiled] if largest < math.inf and fixed is None \
+        else []
     parts = [*(act_fn(act) if act else ()), TANH if softcap is not None else ""]
     # The activations and the norm weight (streamed with them) are read in packs too.
     shared = [replace(shared[0], packs=True, texture=ctx.textures),
@@ -636,13 +642,14 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
         bindings = [shared[0], replace(w_binding(i), packs=True), *shared[1:], out]
         for tokens, rows, token_block in variants:
             if tokens == (1, 1) and _gemv_fits(ctx, k):
-                kernels.append(_gemv_kernel(ctx, label, [replace(shared[0], texture=False), *bindings[1:]], parts,
-                                            x, k, n, r0, epilogue, out_stride, gated=act is not None, norm=norm,
-                                            eps=eps, weighted=norm_w is not None))
-                continue
-            kernels.append(_stream_kernel(ctx, label, bindings, parts, x, k, n, r0, tokens, rows, token_block,
-                                          epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
-                                          weighted=norm_w is not None))
+                kernel = _gemv_kernel(ctx, label, [replace(shared[0], texture=False), *bindings[1:]], parts, x, k,
+                                      n, r0, epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
+                                      weighted=norm_w is not None)
+            else:
+                kernel = _stream_kernel(ctx, label, bindings, parts, x, k, n, r0, tokens, rows, token_block,
+                                        epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
+                                        weighted=norm_w is not None)
+            kernels.append(replace(kernel, tokens=(1, math.inf)) if fixed is not None else kernel)
     return kernels
 
 
