@@ -1050,32 +1050,31 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     lanes = lambda per_query: lambda s: grid_1d(s * per_query, LANES_WG)
     whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, wg=LANES_WG,
                     epilogue=stores("out", "(i * HEADS + h) * D", " / l_run"), **common)
-    sub = ctx.subgroup_size
+    sub, longer = ctx.subgroup_size, whole          # longer: the kernel of steps of more than SPLIT_TOKENS
     if (sub > 1 and LANES_WG % sub == 0 and (d // 4) % sub == 0 and all(b.texture for b in bindings[1:3])
             and not (norms & 2 or rotate_k or norms & 4)):
-        # Steps of more tokens than a split serves: a subgroup's lanes take consecutive queries of one head.
+        # Such steps with subgroups: a subgroup's lanes take consecutive queries of one head.
         fetch = lambda name: [f"        let {name}t{r} = {name}4({name}_base / 4u + {r * sub}u + sg_lane);"
                               for r in range(d // 4 // sub)]
         broadcast = lambda name, c: f"subgroupBroadcast({name}t{c // sub}, {c % sub}u)"
-        many = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)],
-                       lambda s: grid_1d(-(-s // sub) * sub * nh, LANES_WG), splits=1, wg=LANES_WG, **{
-                           **common, "subgroup_args": ", @builtin(subgroup_invocation_id) sg_lane: u32",
-                           "lanes": f"    let h = (lane / {sub}u) % HEADS;     // query head\n"
-                                    f"    let row = lane / (HEADS * {sub}u) * {sub}u + lane % {sub}u;\n"
-                                    "    let i = min(row, S - 1u);            // query row (past S, row S - 1 again)",
-                           "first_key": "subgroupMin(lo)", "end_key": "subgroupMax(hi)", "seen": "j >= lo && j < hi",
-                           "score": "\n".join(fetch("k") + [f"        dot4 = fma(q[{c}], {broadcast('k', c)}, dot4);"
-                                                          for c in range(d // 4)]),
-                           "accumulate": "\n".join(fetch("v") + [
-                               f"        acc[{c}] = fma({broadcast('v', c)}, vec4<f32>(p), acc[{c}] * correction);"
-                               for c in range(d // 4)]),
-                           "epilogue": "    if (row < S) {\n" + stores("out", "(i * HEADS + h) * D", " / l_run")
-                                       + "\n    }"})
-        whole = [replace(whole, tokens=(1, SPLIT_TOKENS)), replace(many, tokens=(SPLIT_TOKENS + 1, math.inf))]
-    else:
-        whole = [whole]
+        longer = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)],
+                         lambda s: grid_1d(-(-s // sub) * sub * nh, LANES_WG), splits=1, wg=LANES_WG, **{
+                             **common, "subgroup_args": ", @builtin(subgroup_invocation_id) sg_lane: u32",
+                             "lanes": f"    let h = (lane / {sub}u) % HEADS;     // query head\n"
+                                      f"    let row = lane / (HEADS * {sub}u) * {sub}u + lane % {sub}u;\n"
+                                      "    let i = min(row, S - 1u);            // query row (past S, row S - 1 again)",
+                             "first_key": "subgroupMin(lo)", "end_key": "subgroupMax(hi)", "seen": "j >= lo && j < hi",
+                             "score": "\n".join(fetch("k") + [f"        dot4 = fma(q[{c}], {broadcast('k', c)}, dot4);"
+                                                            for c in range(d // 4)]),
+                             "accumulate": "\n".join(fetch("v") + [
+                                 f"        acc[{c}] = fma({broadcast('v', c)}, vec4<f32>(p), acc[{c}] * correction);"
+                                 for c in range(d // 4)]),
+                             "epilogue": "    if (row < S) {\n" + stores("out", "(i * HEADS + h) * D", " / l_run")
+                                         + "\n    }"})
     if splits < 2:
-        return whole
+        if longer is whole:
+            return [whole]
+        return [replace(whole, tokens=(1, SPLIT_TOKENS)), replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf))]
     if sub > 1 and LANES_WG % sub == 0:
         # The lanes of a subgroup share the keys (lanes in step walk equal shares) and merge their online
         # softmaxes with subgroup operations, in the same dispatch.
@@ -1086,7 +1085,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         shared = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [_out(node_id)], lanes(nh * sub),
                          splits=sub, wg=LANES_WG, epilogue=merge, **{**common, "key_bounds": _key_bounds(
                              a["window"], "z", sub)})
-        return [replace(whole[-1], tokens=(SPLIT_TOKENS + 1, math.inf)), replace(shared, tokens=(1, SPLIT_TOKENS))]
+        return [replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(shared, tokens=(1, SPLIT_TOKENS))]
     record = d + 2
     scratch = Ref("scratch", node_id, nh * splits * record * 4)
     epilogue = (f"    let rec = ((i * HEADS + h) * SPLITS + z) * {record}u;\n    part[rec] = m_run; part[rec + 1u] = l_run;\n"
@@ -1095,7 +1094,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     partials = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [Binding("part", scratch, "f32", write=True)],
                        lanes(nh * splits), splits=splits, wg=LANES_WG, epilogue=epilogue,
                        **{**common, "key_bounds": split_bounds})
-    return [replace(whole[-1], tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
+    return [replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
             _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
 
 
