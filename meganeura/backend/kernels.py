@@ -255,6 +255,7 @@ class Context:
     param_quant: Callable[[str, int], tuple[int, int]] = lambda name, window: (0, 0)   # -> (group, scales_at)
     textures: bool = False                               # weights, and activations streamed, in textures
     subgroup_size: int = 0                               # 0 without subgroups
+    max_workgroup: int = 256                             # invocations a workgroup may have (WebGPU's default)
 
     def weight(self, name: str, pname: str, window: int = 0) -> Binding:
         """Binding `name` for window `window` of parameter `pname`."""
@@ -453,19 +454,30 @@ def _softmax(ctx, node_id, node: Node) -> list[Kernel]:
                     rows=rows, width=n, body=body)]
 
 
+ARGMAX_LOADS = 4            # loads a GPU lane of argmax has in flight
+
+
 def _argmax(ctx, node_id, node: Node) -> list[Kernel]:
     n = ctx.graph[node.inputs[0]].shape[-1]
-    # Each thread keeps its first maximum; of the threads holding the row's maximum the lowest index
-    # wins (indices are exact in f32 below 2^24), which is numpy's first-on-ties.
-    body = """    var best = -3.0e38;
+    # A row as long as a vocabulary is one workgroup's walk, so on a GPU the workgroup is as wide as the
+    # device allows and each lane's loads go ARGMAX_LOADS at a time: its walk is latency, not bandwidth.
+    wg = ROW_WG if ctx.layout == "cpu" else max(ROW_WG, min(ctx.max_workgroup, 1024))
+    loads = 1 if ctx.layout == "cpu" else ARGMAX_LOADS
+    # Each thread keeps its first maximum (it visits its indices in increasing order); of the threads holding
+    # the row's maximum the lowest index wins (indices are exact in f32 below 2^24): numpy's first-on-ties.
+    visit = "\n".join(f"        {{ let t = j + {u}u * WG; if (t < n) {{ let v = load_x(base + t); "
+                      f"if (v > best) {{ best = v; at = t; }} }} }}" for u in range(loads))
+    body = f"""    var best = -3.0e38;
     var at = 0u;
-    for (var j = li; j < n; j = j + WG) { let v = load_x(base + j); if (v > best) { best = v; at = j; } }
+    for (var j = li; j < n; j = j + {loads}u * WG) {{
+{visit}
+    }}
     let top = reduce_max(best, li);
     let first = -reduce_max(-select(3.0e38, f32(at), best == top), li);
-    if (li == 0u) { out[row] = u32(first); }"""
+    if (li == 0u) {{ out[row] = u32(first); }}"""
     rows = f"({numel(node.shape)})" if node.shape else "1u"
     return [_kernel(ctx, "argmax", "rowreduce", [ctx.value(node.inputs[0], "x"), _out(node_id, "u32")],
-                    lambda s: grid_1d(numel_at(node.shape, s), 1), wg=ROW_WG, rows=rows, width=n, body=body)]
+                    lambda s: grid_1d(numel_at(node.shape, s), 1), wg=wg, rows=rows, width=n, body=body)]
 
 
 def _topk_route(ctx, node_id, node: Node) -> list[Kernel]:

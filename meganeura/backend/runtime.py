@@ -312,7 +312,8 @@ class WgpuRunner:
         ctx = Context(self.graph, self.dev.has_f16, self.dev.has_subgroups, self.dev.layout,
                       lambda n: self.params[n].dtype, lambda n: self.params[n].windows, self._rope_key,
                       lambda n, w: (self.params[n].group, self.params[n].scales_at[w]) if self.params[n].fmt
-                      else (0, 0), self.textures, self.dev.subgroup_size)
+                      else (0, 0), self.textures, self.dev.subgroup_size,
+                      self.dev.limits.get("max-compute-invocations-per-workgroup", 256))
         self.kernels = {i: lower(ctx, i) for i in range(len(self.graph))}
         self.arena = None
 
