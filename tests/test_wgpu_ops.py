@@ -491,14 +491,17 @@ def test_split_attention_over_a_cache(kv, group, half, window, pad, q_norm, k_no
                                            err_msg=f"step of {n} at position {at}")
                 at += n
     splits = min(kernels.MAX_SPLITS, -(-slots // keys_per_split))
-    lanes = layout == "cpu" and d % 4 == 0
-    if lanes:               # the lane kernel: fewer splits, as a CPU has few lanes
+    subgroup = gpu._runner.dev.subgroup_size
+    wg = kernels.LANES_WG if layout == "cpu" else kernels.GPU_LANES_WG
+    # A subgroup's lanes split a query's keys and merge in the same pass: on a CPU in the lane kernel when
+    # the cache is long enough to split, on a GPU in every decode step (its workgroup kernel is latency).
+    shared = d % 4 == 0 and subgroup > 1 and wg % subgroup == 0
+    if layout == "cpu" and d % 4 == 0:      # the lane kernel: fewer splits, as a CPU has few lanes
         splits = min(splits, -(-kernels.CPU_LANES // nh))
     split = [k for k in gpu._runner.kernels[out] if k.label.endswith("_split")]
-    assert len(split) == (splits > 1)
-    if split:   # across grid z (workgroup kernel), or across lanes: a subgroup's, merged in the same pass
-        subgroup = gpu._runner.dev.subgroup_size
-        if lanes and subgroup > 1 and kernels.LANES_WG % subgroup == 0:
+    assert len(split) == (splits > 1 or (shared and layout == "gpu"))
+    if split:   # across grid z (workgroup kernel), or across a subgroup's lanes
+        if shared:
             splits = subgroup
             assert not any(k.label.endswith("_combine") for k in gpu._runner.kernels[out])
         assert split[0].grid(1)[2] == splits or f"const SPLITS: u32 = {splits}u;" in split[0].source

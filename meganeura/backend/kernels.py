@@ -970,8 +970,8 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
                 k_row=_row_width(k), v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"],
                 scale=lit(a["scale"]), key_bounds=_key_bounds(a["window"]), softcap=softcap)
     splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if cached else 1
-    if ctx.layout == "cpu" and d % 4 == 0 and all(x % 4 == 0 for x in (_row_width(k), _row_width(v), a["k_at"],
-                                                                      a["v_at"])):
+    lane_layout = d % 4 == 0 and all(x % 4 == 0 for x in (_row_width(k), _row_width(v), a["k_at"], a["v_at"]))
+    if ctx.layout == "cpu" and lane_layout:
         # A CPU has few lanes: enough splits to give each a query head's share, and each more keys.
         splits = min(splits, -(-CPU_LANES // nh))
         return _attend_lanes(ctx, node_id, label, bindings, a, splits, subs)
@@ -1003,15 +1003,25 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     normalise = f"    for (var d = li; d < D; d = d + WG) {{ out[(i * {nh}u + h) * D + d] = acc[d] / l_run; }}"
     whole = _kernel(ctx, label, "attention", bindings + [_out(node_id)], lambda s: (nh, s, 1),
                     epilogue=normalise, **subs)
+    sub = ctx.subgroup_size
+    if cached and lane_layout and sub > 1 and GPU_LANES_WG % sub == 0:
+        # A decode step's workgroup walks its keys in serial loops between barriers: latency. The lanes of a
+        # subgroup split one query's keys instead and merge with subgroup operations, in one pass.
+        return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)),
+                *_attend_lanes(ctx, node_id, label, bindings, a, sub, subs, decode_only=True)]
     if splits < 2:
         return [whole]
     return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)),
             *_split_attention(ctx, node_id, label, bindings, nh, d, splits, a["window"], subs)]
 
 
-def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict) -> list[Kernel]:
-    """attention_lanes.wgsl: the same attention (and split records) with a lane per (query, head, split)."""
+def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict,
+                  decode_only: bool = False) -> list[Kernel]:
+    """attention_lanes.wgsl: the same attention (and split records) with a lane per (query, head, split).
+    `decode_only`: just the kernel of steps of up to SPLIT_TOKENS tokens that splits one query's keys across
+    a subgroup (a GPU's decode attention; its caller checks that a subgroup fits GPU_LANES_WG)."""
     nh, d, norms = a["heads"], a["head_dim"], a["norms"]
+    wg = GPU_LANES_WG if decode_only else LANES_WG
     q_rms = ""
     if norms & 1:
         q_rms = ("var q_ss = 0.0;\n    for (var d = 0u; d < D; d = d + 1u) { let x = load_q(q_base + d); "
@@ -1059,18 +1069,34 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                 f"        let a = acc[c]{scale}; let o = {at} + 4u * c;\n"
                 f"        {out}[o] = a.x; {out}[o + 1u] = a.y; {out}[o + 2u] = a.z; {out}[o + 3u] = a.w;\n    }}")
 
-    lanes = lambda per_query: lambda s: grid_1d(s * per_query, LANES_WG)
-    whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, wg=LANES_WG,
+    lanes = lambda per_query: lambda s: grid_1d(s * per_query, wg)
+    sub = ctx.subgroup_size
+
+    def subgroup_split() -> Kernel:
+        # The lanes of a subgroup share the keys (lanes in step walk equal shares) and merge their online
+        # softmaxes with subgroup operations, in the same dispatch.
+        merge = ("    let m_all = subgroupMax(m_run);\n    let weight = exp(m_run - m_all);\n"
+                 "    let l_all = subgroupAdd(l_run * weight);\n"
+                 "    for (var c = 0u; c < D / 4u; c = c + 1u) { acc[c] = subgroupAdd(acc[c] * weight); }\n"
+                 "    if (z == 0u) {\n" + stores("out", "(i * HEADS + h) * D", " / l_all") + "\n    }")
+        shared = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [_out(node_id)], lanes(nh * sub),
+                         splits=sub, wg=wg, epilogue=merge, **{**common, "key_bounds": _key_bounds(
+                             a["window"], "z", sub)})
+        return replace(shared, tokens=(1, SPLIT_TOKENS))
+
+    if decode_only:
+        return [subgroup_split()]
+    whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, wg=wg,
                     epilogue=stores("out", "(i * HEADS + h) * D", " / l_run"), **common)
-    sub, longer = ctx.subgroup_size, whole          # longer: the kernel of steps of more than SPLIT_TOKENS
-    if (sub > 1 and LANES_WG % sub == 0 and (d // 4) % sub == 0 and all(b.texture for b in bindings[1:3])
+    longer = whole          # the kernel of steps of more than SPLIT_TOKENS
+    if (sub > 1 and wg % sub == 0 and (d // 4) % sub == 0 and all(b.texture for b in bindings[1:3])
             and not (norms & 2 or rotate_k or norms & 4)):
         # Such steps with subgroups: a subgroup's lanes take consecutive queries of one head.
         fetch = lambda name: [f"        let {name}t{r} = {name}4({name}_base / 4u + {r * sub}u + sg_lane);"
                               for r in range(d // 4 // sub)]
         broadcast = lambda name, c: f"subgroupBroadcast({name}t{c // sub}, {c % sub}u)"
         longer = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)],
-                         lambda s: grid_1d(-(-s // sub) * sub * nh, LANES_WG), splits=1, wg=LANES_WG, **{
+                         lambda s: grid_1d(-(-s // sub) * sub * nh, wg), splits=1, wg=wg, **{
                              **common, "subgroup_args": ", @builtin(subgroup_invocation_id) sg_lane: u32",
                              "lanes": f"    let h = (lane / {sub}u) % HEADS;     // query head\n"
                                       f"    let row = lane / (HEADS * {sub}u) * {sub}u + lane % {sub}u;\n"
@@ -1087,24 +1113,15 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         if longer is whole:
             return [whole]
         return [replace(whole, tokens=(1, SPLIT_TOKENS)), replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf))]
-    if sub > 1 and LANES_WG % sub == 0:
-        # The lanes of a subgroup share the keys (lanes in step walk equal shares) and merge their online
-        # softmaxes with subgroup operations, in the same dispatch.
-        merge = ("    let m_all = subgroupMax(m_run);\n    let weight = exp(m_run - m_all);\n"
-                 "    let l_all = subgroupAdd(l_run * weight);\n"
-                 "    for (var c = 0u; c < D / 4u; c = c + 1u) { acc[c] = subgroupAdd(acc[c] * weight); }\n"
-                 "    if (z == 0u) {\n" + stores("out", "(i * HEADS + h) * D", " / l_all") + "\n    }")
-        shared = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [_out(node_id)], lanes(nh * sub),
-                         splits=sub, wg=LANES_WG, epilogue=merge, **{**common, "key_bounds": _key_bounds(
-                             a["window"], "z", sub)})
-        return [replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(shared, tokens=(1, SPLIT_TOKENS))]
+    if sub > 1 and wg % sub == 0:
+        return [replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf)), subgroup_split()]
     record = d + 2
     scratch = Ref("scratch", node_id, nh * splits * record * 4)
     epilogue = (f"    let rec = ((i * HEADS + h) * SPLITS + z) * {record}u;\n    part[rec] = m_run; part[rec + 1u] = l_run;\n"
                 + stores("part", "rec + 2u", ""))
     split_bounds = _key_bounds(a["window"], "z", splits, LANE_KEYS)
     partials = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [Binding("part", scratch, "f32", write=True)],
-                       lanes(nh * splits), splits=splits, wg=LANES_WG, epilogue=epilogue,
+                       lanes(nh * splits), splits=splits, wg=wg, epilogue=epilogue,
                        **{**common, "key_bounds": split_bounds})
     return [replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
             _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
@@ -1120,6 +1137,7 @@ MAX_SPLITS = 32
 # the cores; lanes wanted in all (a few per core: lavapipe runs a thread per core); keys a split's share is
 # rounded to.
 LANES_WG = 8
+GPU_LANES_WG = 64           # a GPU's decode attention (two 32-wide subgroups, or one of 64)
 CPU_LANES = 2 * LANES_WG * (os.cpu_count() or 1)
 LANE_KEYS = 16
 
