@@ -44,11 +44,7 @@ ${key_bounds}
     var rq = 1.0;
     ${q_rms}
     var q: array<vec4<f32>, ${quads}>;
-    for (var c = 0u; c < D / 4u; c = c + 1u) {
-        let d = 4u * c;
-        q[c] = vec4<f32>(q_value(q_base, d, rq, i), q_value(q_base, d + 1u, rq, i),
-                         q_value(q_base, d + 2u, rq, i), q_value(q_base, d + 3u, rq, i));
-    }
+${load_q}
     var acc: array<vec4<f32>, ${quads}>;
     var m_run = -3.0e38;
     var l_run = 0.0;

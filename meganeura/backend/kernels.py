@@ -1022,6 +1022,9 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     a subgroup (a GPU's decode attention; its caller checks that a subgroup fits GPU_LANES_WG)."""
     nh, d, norms = a["heads"], a["head_dim"], a["norms"]
     wg = GPU_LANES_WG if decode_only else LANES_WG
+    # Statements over a head's quads are written out, not looped: a GPU then has every quad's loads in
+    # flight at once (a loop waits on each load in turn) and keeps q and acc in registers.
+    each_quad = lambda line, indent="        ": "\n".join(indent + line.replace("@c", f"{c}u") for c in range(d // 4))
     q_rms = ""
     if norms & 1:
         q_rms = ("var q_ss = 0.0;\n    for (var d = 0u; d < D; d = d + 1u) { let x = load_q(q_base + d); "
@@ -1038,15 +1041,15 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         if norms & 2:
             score.append("        var k_ss = 0.0;\n        for (var d = 0u; d < D; d = d + 1u) "
                          f"{{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }}\n        rk = {HEAD_RMS.format('k_ss')};")
-        score.append("        for (var c = 0u; c < D / 4u; c = c + 1u) { let d = 4u * c; dot4 = fma(q[c], vec4<f32>("
-                     "k_value(k_base, d, rk, j), k_value(k_base, d + 1u, rk, j), k_value(k_base, d + 2u, rk, j), "
-                     "k_value(k_base, d + 3u, rk, j)), dot4); }")
+        score.append(each_quad("{ let d = 4u * @c; dot4 = fma(q[@c], vec4<f32>(k_value(k_base, d, rk, j), "
+                               "k_value(k_base, d + 1u, rk, j), k_value(k_base, d + 2u, rk, j), "
+                               "k_value(k_base, d + 3u, rk, j)), dot4); }"))
     else:
-        score = ["        for (var c = 0u; c < D / 4u; c = c + 1u) { dot4 = fma(q[c], k4(k_base / 4u + c), dot4); }"]
+        score = [each_quad("dot4 = fma(q[@c], k4(k_base / 4u + @c), dot4);")]
     v_rms = ""
     if norms & 4:
-        v_rms = ("var v_ss = 0.0;\n        for (var c = 0u; c < D / 4u; c = c + 1u) { let x = v4(v_base / 4u + c); "
-                 f"v_ss = v_ss + dot(x, x); }}\n        p = p * {HEAD_RMS.format('v_ss')};")
+        v_rms = ("var v_ss = 0.0;\n" + each_quad("{ let x = v4(v_base / 4u + @c); v_ss = v_ss + dot(x, x); }")
+                 + f"\n        p = p * {HEAD_RMS.format('v_ss')};")
     quads = []
     for name, b in (("k", bindings[1]), ("v", bindings[2])):
         body = (f"bitcast<vec4<f32>>(texel_{name}(t))" if b.texture else
@@ -1057,17 +1060,17 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         "    let z = lane % SPLITS;               // share of the keys (with subgroups, the lane in its subgroup)\n"
         "    let h = (lane / SPLITS) % HEADS;     // query head\n"
         "    let i = lane / (HEADS * SPLITS);     // query row\n"
-        "    if (i >= S) { return; }"), "accumulate": (
-        "        for (var c = 0u; c < D / 4u; c = c + 1u) "
-        "{ acc[c] = fma(v4(v_base / 4u + c), vec4<f32>(p), acc[c] * correction); }")}
+        "    if (i >= S) { return; }"), "accumulate": each_quad(
+        "acc[@c] = fma(v4(v_base / 4u + @c), vec4<f32>(p), acc[@c] * correction);")}
     common = {**subs, **per_lane, "prelude": helpers(subs["prelude"], *quads), "heads": nh, "quads": d // 4,
               "q_rms": q_rms, "q_elem": q_elem, "q_value": q_value, "k_elem": k_elem, "k_value": k_value,
-              "score": "\n".join(score), "v_rms": v_rms}
+              "score": "\n".join(score), "v_rms": v_rms, "load_q": each_quad(
+                  "q[@c] = vec4<f32>(q_value(q_base, 4u * @c, rq, i), q_value(q_base, 4u * @c + 1u, rq, i), "
+                  "q_value(q_base, 4u * @c + 2u, rq, i), q_value(q_base, 4u * @c + 3u, rq, i));", "    ")}
 
     def stores(out: str, at: str, scale: str) -> str:
-        return ("    for (var c = 0u; c < D / 4u; c = c + 1u) {\n"
-                f"        let a = acc[c]{scale}; let o = {at} + 4u * c;\n"
-                f"        {out}[o] = a.x; {out}[o + 1u] = a.y; {out}[o + 2u] = a.z; {out}[o + 3u] = a.w;\n    }}")
+        return each_quad(f"{{ let a = acc[@c]{scale}; let o = {at} + 4u * @c; "
+                         f"{out}[o] = a.x; {out}[o + 1u] = a.y; {out}[o + 2u] = a.z; {out}[o + 3u] = a.w; }}", "    ")
 
     lanes = lambda per_query: lambda s: grid_1d(s * per_query, wg)
     sub = ctx.subgroup_size
@@ -1077,7 +1080,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         # softmaxes with subgroup operations, in the same dispatch.
         merge = ("    let m_all = subgroupMax(m_run);\n    let weight = exp(m_run - m_all);\n"
                  "    let l_all = subgroupAdd(l_run * weight);\n"
-                 "    for (var c = 0u; c < D / 4u; c = c + 1u) { acc[c] = subgroupAdd(acc[c] * weight); }\n"
+                 + each_quad("acc[@c] = subgroupAdd(acc[@c] * weight);", "    ") + "\n"
                  "    if (z == 0u) {\n" + stores("out", "(i * HEADS + h) * D", " / l_all") + "\n    }")
         shared = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [_out(node_id)], lanes(nh * sub),
                          splits=sub, wg=wg, epilogue=merge, **{**common, "key_bounds": _key_bounds(
