@@ -1,7 +1,8 @@
 // Causal (optionally sliding-window) softmax attention with one invocation per (query, head, split of the
-// keys), each walking its keys alone with an online softmax: the CPU layout's attention. There an
-// invocation is a SIMD lane of a core, and attention.wgsl's workgroup barriers and shared reductions
-// (emulated in software) cost far more than the arithmetic they share; a lane needs neither. A decode
+// keys), each walking its keys alone with an online softmax: the CPU layout's attention, and a GPU's
+// decode attention with subgroups. On a CPU an invocation is a SIMD lane of a core, and attention.wgsl's
+// workgroup barriers and shared reductions (emulated in software) cost far more than the arithmetic they
+// share; on a GPU they serialise a decode step's few keys into round trips. A lane needs neither. A decode
 // step's split either writes records for a merge pass, or, with subgroups, gives one query's keys to the
 // lanes of a subgroup, which merge their softmaxes with subgroup operations in the same pass. A longer
 // step with subgroups gives a subgroup's lanes consecutive queries of one head: they walk the same keys,

@@ -941,7 +941,8 @@ HEAD_RMS = "1.0 / sqrt({} / f32(D) + EPS)"
 
 def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     """Attention over heads read at column offsets of [tokens, row] tensors (the fused_attention attrs):
-    attention_lanes.wgsl on a CPU device, attention.wgsl elsewhere."""
+    attention_lanes.wgsl on a CPU device and for a GPU's decode steps with subgroups, attention.wgsl
+    elsewhere."""
     q, k, v = (ctx.graph[j] for j in inputs[:3])
     nh, nkv, d = a["heads"], a["kv_heads"], a["head_dim"]
     norms, extra = a["norms"], list(inputs[3:])
@@ -1024,7 +1025,8 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     wg = GPU_LANES_WG if decode_only else LANES_WG
     # Statements over a head's quads are written out, not looped: a GPU then has every quad's loads in
     # flight at once (a loop waits on each load in turn) and keeps q and acc in registers.
-    each_quad = lambda line, indent="        ": "\n".join(indent + line.replace("@c", f"{c}u") for c in range(d // 4))
+    each_quad = lambda line, indent="        ": "\n".join(indent + line.replace("@c", f"{c}u")
+                                                     for c in range(d // 4))
     q_rms = ""
     if norms & 1:
         q_rms = ("var q_ss = 0.0;\n    for (var d = 0u; d < D; d = d + 1u) { let x = load_q(q_base + d); "
