@@ -362,6 +362,22 @@ def test_last_row_and_argmax(s, n, lead, layout):
     assert gpu["y"].dtype == np.uint32 and np.array_equal(gpu["y"], ref["y"])
 
 
+def test_argmax_where_the_workgroup_limit_is_not_a_power_of_two(monkeypatch):
+    """A GPU argmax's workgroup follows the device's limit down to a power of two (its tree reduction halves
+    it): a device allowing 768 invocations gets 512, not 768."""
+    from meganeura.backend.device import open_device
+
+    monkeypatch.setenv("MEGANEURA_LAYOUT", "gpu")
+    monkeypatch.setitem(open_device().limits, "max-compute-invocations-per-workgroup", 768)
+    g = mn.Graph()
+    g.set_outputs({"y": g.argmax(g.input("x", (S, 5000)))})
+    at = [*range(16), 2500, 4999]                   # row r's maximum: in each of the first lanes, and later
+    x = rand(len(at), 5000)
+    x[np.arange(len(at)), at] = 10.0
+    gpu, ref = run_both(g, {"x": x}, {})
+    assert list(ref["y"]) == at and np.array_equal(gpu["y"], ref["y"])
+
+
 def cached_attention_graph(kv, group, d, slots, window, at, norm, rope, fused):
     """q [S, nh, d]; k and v read at column `at` of one [S, pad | k | v] tensor into two caches of `slots`
     slots (k normed and rotated on the way in when asked), then attention over the caches."""

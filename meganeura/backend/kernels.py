@@ -289,6 +289,11 @@ def lower(ctx: Context, node_id: int) -> list[Kernel]:
 ROW_WG = 64
 
 
+def _power_of_two_at_most(n: int) -> int:
+    """A rowreduce workgroup size for up to n lanes: its tree reduction halves the workgroup."""
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def _kernel(ctx, label, template, bindings, grid, entry="main", prelude="", **subs) -> Kernel:
     """`prelude`: helper functions placed after the declarations (an `enable` directive must come first)."""
     src = render(template, bindings=declare(bindings, ctx.has_f16) + "\n" + prelude, **subs)
@@ -461,7 +466,7 @@ def _argmax(ctx, node_id, node: Node) -> list[Kernel]:
     n = ctx.graph[node.inputs[0]].shape[-1]
     # A row as long as a vocabulary is one workgroup's walk, so on a GPU the workgroup is as wide as the
     # device allows and each lane's loads go ARGMAX_LOADS at a time: its walk is latency, not bandwidth.
-    wg = ROW_WG if ctx.layout == "cpu" else max(ROW_WG, min(ctx.max_workgroup, 1024))
+    wg = ROW_WG if ctx.layout == "cpu" else _power_of_two_at_most(min(ctx.max_workgroup, 1024))
     loads = 1 if ctx.layout == "cpu" else ARGMAX_LOADS
     # Each thread keeps its first maximum (it visits its indices in increasing order); of the threads holding
     # the row's maximum the lowest index wins (indices are exact in f32 below 2^24): numpy's first-on-ties.
@@ -1233,7 +1238,7 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
         body.append("    }")
     # On a CPU every invocation of a workgroup runs, so a head gets about a lane a texel (a power of two, for
     # the norm's tree): 16 for 64-wide heads, which writes a 64-token step's keys 2-3x faster than 64 lanes.
-    wg = min(ROW_WG, max(8, 1 << max(0, (d // 4).bit_length() - 1))) if ctx.layout == "cpu" else ROW_WG
+    wg = min(ROW_WG, max(8, _power_of_two_at_most(d // 4))) if ctx.layout == "cpu" else ROW_WG
     return [_kernel(ctx, "cache_write", "rowreduce", bindings, lambda s: grid_1d(s * heads_in_all, 1),
                     prelude=helpers(*parts), wg=wg, rows=f"(step.S * {heads_in_all}u)", width=d, body="\n".join(body))]
 
