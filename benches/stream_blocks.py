@@ -8,7 +8,7 @@ Each VARIANT is JSON. A list replaces this device's layout's STREAMED entry in m
 (GEMM_TILE: token rows, weight rows, k step of the tiled GEMM) and "wg" (STREAM_WG). A random-weight model of
 the config (default llama-34m) is prefilled with 64 tokens, then its one-token decode step and its 64-token
 step are timed, dispatched back to back in one pass, variants taking turns so other work on the machine slows
-all alike; the fastest of the rounds is printed.
+all alike; the fastest of the rounds (--rounds, default 5) is printed.
 """
 import argparse
 import json
@@ -39,27 +39,35 @@ def configure(variant: str, layout: str) -> None:
         kernels.GEMM_TILE = tuple(v["tile"])
     if "wg" in v:
         kernels.STREAM_WG = v["wg"]
+    for name, value in v.items():          # any other of the kernels' module constants, by its own name
+        if name.isupper():
+            setattr(kernels, name, value)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="benches/configs/llama-34m.json")
     ap.add_argument("--quantize", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("variants", nargs="+")
     args = ap.parse_args(argv)
     path = tempfile.mkdtemp()
     _random_checkpoint(args.config, path)
     layout = open_device().layout
     defaults = (list(kernels.STREAMED[layout]), kernels.GEMM_TILE, kernels.STREAM_WG)
+    constants = {name: getattr(kernels, name) for v in args.variants for name in json.loads(v)
+                 if isinstance(json.loads(v), dict) and name.isupper()}
     runners = []
     for v in args.variants:
         kernels.STREAMED[layout], kernels.GEMM_TILE, kernels.STREAM_WG = list(defaults[0]), *defaults[1:]
+        for name, value in constants.items():
+            setattr(kernels, name, value)
         configure(v, layout)
         model = mn.load_model(path, context=80, chunk=64, quantize=args.quantize)
         model.session().feed(np.arange(64) % 100)
         runners.append(model.decoder._runner)
     best = [[float("inf")] * 2 for _ in args.variants]
-    for _ in range(5):
+    for _ in range(args.rounds):
         for i, runner in enumerate(runners):
             best[i][0] = min(best[i][0], step_seconds(runner, 1, 70))
             best[i][1] = min(best[i][1], step_seconds(runner, 64, 0, reps=1))

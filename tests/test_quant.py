@@ -67,7 +67,7 @@ def test_which_parameters_a_mode_quantizes(hf_checkpoint):
 
 
 @settings(max_examples=10, deadline=None)
-@given(s=st.sampled_from([1, 3, 9, 13]), k=st.sampled_from([32, 64, 96]), n=st.integers(1, 40),
+@given(s=st.sampled_from([1, 3, 9, 13, 17, 40]), k=st.sampled_from([32, 64, 96]), n=st.integers(1, 40),
        act=st.sampled_from([None, "silu"]), norm=st.sampled_from([None, "weighted"]),
        mode=st.sampled_from(["q8", "q4", "q8_0"]), layout=st.sampled_from(["cpu", "gpu"]),
        window_rows=st.sampled_from([None, 5]), plain_device=st.booleans())

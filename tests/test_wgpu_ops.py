@@ -209,16 +209,29 @@ def test_linear(norm, act, s, k, n, lead, bias, softcap, residual, dtype):
 
 @pytest.mark.parametrize("layout", ["cpu", "gpu"])
 @settings(max_examples=12, deadline=None)
-@given(s=st.sampled_from([1, 2, 3, 5, 8, 9, 13]), k=st.integers(1, 6).map(lambda p: 8 * p), n=dims,
+@given(s=st.sampled_from([1, 2, 3, 5, 8, 9, 13, 15, 16, 17, 40]), k=st.integers(1, 6).map(lambda p: 8 * p), n=dims,
        lead=st.sampled_from([(), (2,)]), norm=st.sampled_from([None, "weighted", "unit"]),
        act=st.sampled_from([None, "silu"]), bias=st.booleans(), softcap=st.sampled_from([None, 1.5]),
        residual=st.booleans(), dtype=wdtypes)
 def test_linear_streamed(layout, s, k, n, lead, norm, act, bias, softcap, residual, dtype):
-    """K a multiple of 8: the streamed kernels (both layouts, every step-size variant) with every epilogue."""
+    """K a multiple of 8: the streamed kernels (both layouts, every step-size variant, token blocks partial
+    at the step's end) with every epilogue."""
     g = mn.Graph()
     out, feed, params = linear_case(g, s, k, n, lead, norm, bias, act, softcap, residual, dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEGANEURA_LAYOUT", layout)
+        check(g, out, feed, params, rtol=1e-4)
+
+
+@pytest.mark.parametrize("s", [15, 16, 40])
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_prefill_product_token_blocks(s, act):
+    """On a CPU device a step of 16 tokens or more streams each weight texel through blocks of 32 tokens:
+    one whole block, one and a partial one (40), and a shorter step's blocks of 8 (15)."""
+    g = mn.Graph()
+    out, feed, params = linear_case(g, s, 64, 37, (), "weighted", True, act, 1.5, True, "bf16")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", "cpu")
         check(g, out, feed, params, rtol=1e-4)
 
 

@@ -18,6 +18,8 @@ from ..graph import S, Graph, Node
 
 WG_1D = 256
 MAX_GROUPS = 65535
+# The cores this process may run on: a CPU device (lavapipe) runs a thread per core.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -627,9 +629,10 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
 
 # Streamed variants (stream.wgsl), by layout: (step sizes, weight rows per block, token rows per block).
 # On a CPU every step streams (its tiled GEMM's barriers are emulated in software); block sizes measured on
-# lavapipe (benches/stream_blocks.py: 6 rows for one token, 4x8 for more). On a GPU steps of a few tokens stream and
-# larger ones use the tiled GEMM.
-STREAMED = {"cpu": [((1, 1), 6, 1), ((2, math.inf), 4, 8)],
+# lavapipe (benches/stream_blocks.py): 6 rows for one token; for a 64-token step 4x32 ran 1.3-1.7x faster than
+# 4x8 (each weight texel, fetched lane by lane, then serves 32 tokens), and 4x8 wastes less on short steps.
+# On a GPU steps of a few tokens stream and larger ones use the tiled GEMM.
+STREAMED = {"cpu": [((1, 1), 6, 1), ((2, 15), 4, 8), ((16, math.inf), 4, 32)],
             "gpu": [((1, 1), 2, 1), ((2, 8), 2, 4)]}
 STREAM_WG = 64
 
@@ -671,12 +674,13 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
 
 
 # gemv_subgroup.wgsl: a lane holds K / 8 / L of the token's packs in registers, so K is bounded (beyond it the
-# decode step streams as stream.wgsl does); subgroups are spread so that each walks at least GEMV_MIN_ROWS rows
-# and there are at most GEMV_SUBGROUPS (enough workgroups for every core, few enough to keep the activation's
-# reads, one per subgroup, small). Where a lane has at most GEMV_PAIRED_STEPS loads of a row, rows go in
-# pairs (measured on lavapipe: a 512x512 q4 product 2x, 512x1536 3x faster; bf16 the same or a little faster).
+# decode step streams as stream.wgsl does); subgroups are spread so that each walks at least GEMV_MIN_ROWS rows,
+# in at most one workgroup per core: lavapipe hands each workgroup to its pool as a task, and on 2 cores one
+# workgroup a core decoded llama-34m about 5% faster than 4 (more tasks, each a handoff) or 1 (one core idle).
+# Where a lane has at most GEMV_PAIRED_STEPS loads of a row, rows go in pairs (measured on lavapipe: a 512x512
+# q4 product 2x, 512x1536 3x faster; bf16 the same or a little faster).
 GEMV_MAX_PACKS_PER_LANE = 32
-GEMV_MIN_ROWS, GEMV_SUBGROUPS = 32, 32
+GEMV_MIN_ROWS = 16
 GEMV_PAIRED_STEPS = 8
 
 
@@ -700,7 +704,7 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
     # share of a row is short, so that it has more than one row's loads in flight.
     paired = not gated and n % 2 == 0 and shares <= GEMV_PAIRED_STEPS
     n = n // 2 if paired else n
-    subgroups = max(1, min(GEMV_SUBGROUPS, n // GEMV_MIN_ROWS))
+    subgroups = max(1, min(CORES * (STREAM_WG // lanes), n // GEMV_MIN_ROWS))
     rows = -(-n // subgroups)
     load_x, body = [], []
     places = per == 4
@@ -1148,7 +1152,7 @@ MAX_SPLITS = 32
 # rounded to.
 LANES_WG = 8
 GPU_LANES_WG = 64           # a GPU's decode attention (two 32-wide subgroups, or one of 64)
-CPU_LANES = 2 * LANES_WG * (os.cpu_count() or 1)
+CPU_LANES = 2 * LANES_WG * CORES
 LANE_KEYS = 16
 
 
