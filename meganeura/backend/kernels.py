@@ -298,6 +298,8 @@ def _power_of_two_at_most(n: int) -> int:
 
 def _kernel(ctx, label, template, bindings, grid, entry="main", prelude="", **subs) -> Kernel:
     """`prelude`: helper functions placed after the declarations (an `enable` directive must come first)."""
+    if template == "rowreduce":
+        subs["reductions"] = SUBGROUP_REDUCTIONS if subs["wg"] == ctx.subgroup_size else TREE_REDUCTIONS
     src = render(template, bindings=declare(bindings, ctx.has_f16) + "\n" + prelude, **subs)
     return Kernel(label, src, entry, bindings, grid)
 
@@ -403,6 +405,45 @@ def _rope(ctx, node_id, node: Node) -> list[Kernel]:
 
 # ---------------------------------------------------------------- row reductions
 
+# rowreduce.wgsl's reductions across the workgroup: a tree in workgroup memory, or where the workgroup is one
+# subgroup (`_row_wg`), subgroup operations: no barriers, which lavapipe emulates by switching between the
+# workgroup's SIMD vectors (a one-token add_norm took 100 us in a 64-lane tree, most of it barriers).
+TREE_REDUCTIONS = """var<workgroup> partial: array<f32, WG>;
+
+fn reduce_sum(v: f32, li: u32) -> f32 {
+    partial[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) { partial[li] = partial[li] + partial[li + s]; }
+        workgroupBarrier();
+    }
+    let r = partial[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_max(v: f32, li: u32) -> f32 {
+    partial[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) { partial[li] = max(partial[li], partial[li + s]); }
+        workgroupBarrier();
+    }
+    let r = partial[0];
+    workgroupBarrier();
+    return r;
+}"""
+SUBGROUP_REDUCTIONS = """fn reduce_sum(v: f32, li: u32) -> f32 { return subgroupAdd(v); }
+fn reduce_max(v: f32, li: u32) -> f32 { return subgroupMax(v); }"""
+
+
+def _row_wg(ctx) -> int:
+    """A rowreduce workgroup: on a CPU device with subgroups one subgroup (a SIMD vector, reduced without
+    barriers), else ROW_WG lanes."""
+    sub = ctx.subgroup_size
+    return sub if ctx.layout == "cpu" and sub > 1 and sub & (sub - 1) == 0 else ROW_WG
+
+
 def _rows(node: Node, width: int) -> tuple[str, Callable]:
     return f"({numel(node.shape)} / {width}u)", lambda s: grid_1d(numel_at(node.shape, s) // width, 1)
 
@@ -423,7 +464,7 @@ def _rms_norm(ctx, node_id, node: Node) -> list[Kernel]:
     }}"""
     bindings = [ctx.value(node.inputs[0], "x")] + ([ctx.value(node.inputs[1], "w")] if weighted else [])
     rows, grid = _rows(node, n)
-    return [_kernel(ctx, "rms_norm", "rowreduce", bindings + [_out(node_id)], grid, wg=ROW_WG, rows=rows, width=n,
+    return [_kernel(ctx, "rms_norm", "rowreduce", bindings + [_out(node_id)], grid, wg=_row_wg(ctx), rows=rows, width=n,
                     body=body)]
 
 
@@ -443,7 +484,7 @@ def _add_norm(ctx, node_id, node: Node) -> list[Kernel]:
     body = _row_rms("load_y", a["eps"]) + f"""
     for (var j = li; j < n; j = j + WG) {{ out[base + j] = {value}; }}"""
     rows, grid = _rows(node, n)
-    return [_kernel(ctx, "add_norm", "rowreduce", bindings + [_out(node_id)], grid, wg=ROW_WG, rows=rows, width=n,
+    return [_kernel(ctx, "add_norm", "rowreduce", bindings + [_out(node_id)], grid, wg=_row_wg(ctx), rows=rows, width=n,
                     body=body)]
 
 
@@ -457,8 +498,8 @@ def _softmax(ctx, node_id, node: Node) -> list[Kernel]:
     total = reduce_sum(total, li);
     for (var j = li; j < n; j = j + WG) { out[base + j] = exp(load_x(base + j) - mx) / total; }"""
     rows, grid = _rows(node, n)
-    return [_kernel(ctx, "softmax", "rowreduce", [ctx.value(node.inputs[0], "x"), _out(node_id)], grid, wg=ROW_WG,
-                    rows=rows, width=n, body=body)]
+    return [_kernel(ctx, "softmax", "rowreduce", [ctx.value(node.inputs[0], "x"), _out(node_id)], grid,
+                    wg=_row_wg(ctx), rows=rows, width=n, body=body)]
 
 
 ARGMAX_LOADS = 4            # loads a GPU lane of argmax has in flight
@@ -468,7 +509,7 @@ def _argmax(ctx, node_id, node: Node) -> list[Kernel]:
     n = ctx.graph[node.inputs[0]].shape[-1]
     # A row as long as a vocabulary is one workgroup's walk, so on a GPU the workgroup is as wide as the
     # device allows and each lane's loads go ARGMAX_LOADS at a time: its walk is latency, not bandwidth.
-    wg = ROW_WG if ctx.layout == "cpu" else _power_of_two_at_most(min(ctx.max_workgroup, 1024))
+    wg = _row_wg(ctx) if ctx.layout == "cpu" else _power_of_two_at_most(min(ctx.max_workgroup, 1024))
     loads = 1 if ctx.layout == "cpu" else ARGMAX_LOADS
     # Each thread keeps its first maximum (it visits its indices in increasing order); of the threads holding
     # the row's maximum the lowest index wins (indices are exact in f32 below 2^24): numpy's first-on-ties.
@@ -513,8 +554,8 @@ def _topk_route(ctx, node_id, node: Node) -> list[Kernel]:
          if node.attrs['normalize'] else ''}
     }}"""
     rows, grid = _rows(node, n)
-    return [_kernel(ctx, "topk_route", "rowreduce", [ctx.value(node.inputs[0], "x"), _out(node_id)], grid, wg=ROW_WG,
-                    rows=rows, width=n, body=body)]
+    return [_kernel(ctx, "topk_route", "rowreduce", [ctx.value(node.inputs[0], "x"), _out(node_id)], grid,
+                    wg=_row_wg(ctx), rows=rows, width=n, body=body)]
 
 
 # ---------------------------------------------------------------- matrix ops
@@ -1240,9 +1281,11 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
         body += ["    " * (len(group) > 1) + line for text in lines for line in text.split("\n")]
     if len(group) > 1:
         body.append("    }")
-    # On a CPU every invocation of a workgroup runs, so a head gets about a lane a texel (a power of two, for
-    # the norm's tree): 16 for 64-wide heads, which writes a 64-token step's keys 2-3x faster than 64 lanes.
-    wg = min(ROW_WG, max(8, _power_of_two_at_most(d // 4))) if ctx.layout == "cpu" else ROW_WG
+    # On a CPU every invocation of a workgroup runs, so a head gets one subgroup (`_row_wg`), or about a lane a
+    # texel (a power of two, for the norm's tree): 16 for 64-wide heads writes a 64-token step's keys 2-3x
+    # faster than 64 lanes.
+    wg = ROW_WG if ctx.layout != "cpu" else _row_wg(ctx) if _row_wg(ctx) != ROW_WG else \
+        min(ROW_WG, max(8, _power_of_two_at_most(d // 4)))
     return [_kernel(ctx, "cache_write", "rowreduce", bindings, lambda s: grid_1d(s * heads_in_all, 1),
                     prelude=helpers(*parts), wg=wg, rows=f"(step.S * {heads_in_all}u)", width=d, body="\n".join(body))]
 
