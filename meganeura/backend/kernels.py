@@ -298,8 +298,9 @@ def _power_of_two_at_most(n: int) -> int:
 
 def _kernel(ctx, label, template, bindings, grid, entry="main", prelude="", **subs) -> Kernel:
     """`prelude`: helper functions placed after the declarations (an `enable` directive must come first)."""
-    if template == "rowreduce":
-        subs["reductions"] = SUBGROUP_REDUCTIONS if subs["wg"] == ctx.subgroup_size else TREE_REDUCTIONS
+    if template == "rowreduce":      # (a GPU may choose a pipeline's subgroup size: there the tree, always)
+        one_subgroup = ctx.layout == "cpu" and subs["wg"] == ctx.subgroup_size
+        subs["reductions"] = SUBGROUP_REDUCTIONS if one_subgroup else TREE_REDUCTIONS
     src = render(template, bindings=declare(bindings, ctx.has_f16) + "\n" + prelude, **subs)
     return Kernel(label, src, entry, bindings, grid)
 
