@@ -18,6 +18,12 @@ from .kernels import TEXEL_ROW, Context, Kernel, Ref, lower, numel_at
 from .plan import ArenaPlan, base_of, padded, plan_arena, weight_windows
 
 STORED = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+
+
+def native_lib():
+    """wgpu-native's C functions and cffi's null pointer (wgpu is pinned, so its private module is stable)."""
+    from wgpu.backends.wgpu_native._api import ffi, lib
+    return lib, ffi.NULL
 CHUNK = 32 << 20          # upload granularity: bounds the host memory an upload needs beyond the mmap
 
 
@@ -95,6 +101,7 @@ class WgpuRunner:
         import wgpu
 
         self.wgpu = wgpu
+        self.native, self.null = native_lib()
         self.graph = graph
         self.quantize = quantize
         self.dev = device or open_device()
@@ -440,7 +447,10 @@ class WgpuRunner:
 
     def encode_step(self, enc, tokens: int, start: int):
         """The dispatches of a step of `tokens` tokens at position `start`, in compute passes broken only
-        where a value is copied to its texture."""
+        where a value is copied to its texture. The dispatches go straight to wgpu-native: its Python wrapper
+        costs more than the call (an error check around each), and an encoding error still surfaces at the
+        encoder's finish()."""
+        native, null = self.native, self.null
         cp = None
         for d in self.encoding(tokens):
             if d.mirrors and cp is not None:
@@ -450,9 +460,10 @@ class WgpuRunner:
                 self._mirror(enc, j, tokens, start)
             if cp is None:
                 cp = enc.begin_compute_pass()
-            cp.set_pipeline(d.pipeline)
-            cp.set_bind_group(0, d.group)
-            cp.dispatch_workgroups(*d.grid)
+                handle = cp._internal
+            native.wgpuComputePassEncoderSetPipeline(handle, d.pipeline._internal)
+            native.wgpuComputePassEncoderSetBindGroup(handle, 0, d.group._internal, 0, null)
+            native.wgpuComputePassEncoderDispatchWorkgroups(handle, *d.grid)
         if cp is not None:
             cp.end()
 
