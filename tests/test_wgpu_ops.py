@@ -90,13 +90,22 @@ def test_unary(op, s, n):
     check(g, out, {"x": 4 * rand(s, n)})
 
 
+# A row width: whole vec4s (the row ops' quad loads) or not.
+def widths(quads: bool):
+    return st.integers(1, 9).map(lambda q: 4 * q) if quads else dims.filter(lambda n: n % 4)
+
+
+@pytest.mark.parametrize("quads", [True, False])
 @EXAMPLES
-@given(s=dims, h=st.integers(1, 4), d=dims, weighted=st.booleans(), dtype=wdtypes)
-def test_rms_norm(s, h, d, weighted, dtype):
+@given(data=st.data(), s=dims, h=st.integers(1, 4), weighted=st.booleans(), dtype=wdtypes, layout=layouts)
+def test_rms_norm(quads, data, s, h, weighted, dtype, layout):
+    d = data.draw(widths(quads))
     g = mn.Graph()
     x = g.input("x", (S, h, d))
     w = g.parameter("w", (d,)) if weighted else None
-    check(g, g.rms_norm(x, w, 1e-6), {"x": rand(s, h, d)}, {"w": (rand(d, seed=3), dtype)} if weighted else None)
+    with pytest.MonkeyPatch.context() as mp:        # the norm weight in a texture (cpu) or a storage buffer
+        mp.setenv("MEGANEURA_LAYOUT", layout)
+        check(g, g.rms_norm(x, w, 1e-6), {"x": rand(s, h, d)}, {"w": (rand(d, seed=3), dtype)} if weighted else None)
 
 
 @EXAMPLES
@@ -166,16 +175,21 @@ def test_glu(s, n, act):
     check(g, g.glu(gate, up, act), {"g": 4 * rand(s, n), "u": rand(s, n, seed=1)})
 
 
+@pytest.mark.parametrize("quads", [True, False])
 @EXAMPLES
-@given(s=dims, h=st.integers(1, 3), n=dims, weighted=st.booleans(), scaled=st.booleans(), dtype=wdtypes)
-def test_add_norm(s, h, n, weighted, scaled, dtype):
+@given(data=st.data(), s=dims, h=st.integers(1, 3), weighted=st.booleans(), scaled=st.booleans(), dtype=wdtypes,
+       layout=layouts)
+def test_add_norm(quads, data, s, h, weighted, scaled, dtype, layout):
+    n = data.draw(widths(quads))
     g = mn.Graph()
     res, y = g.input("h", (S, h, n)), g.input("y", (S, h, n))
     w = g.parameter("w", (n,)) if weighted else None
     c = g.parameter("c", (1,)) if scaled else None
     params = {**({"w": (rand(n, seed=3), dtype)} if weighted else {}),
               **({"c": (np.array([0.7], np.float32), dtype)} if scaled else {})}
-    check(g, g.add_norm(res, y, w, 1e-6, c), {"h": rand(s, h, n), "y": 3 * rand(s, h, n, seed=1)}, params or None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", layout)
+        check(g, g.add_norm(res, y, w, 1e-6, c), {"h": rand(s, h, n), "y": 3 * rand(s, h, n, seed=1)}, params or None)
 
 
 def linear_case(g, s, k, n, lead, norm, bias, act, softcap, residual, dtype):

@@ -41,6 +41,7 @@ class Binding:
     group: int = 0        # q8/q4: elements per scale
     scales_at: int = 0    # q8/q4: the word where the scale plane begins
     texture: bool = False  # read through a texture (see TEXEL_ROW) rather than a storage buffer
+    quads: bool = False   # f32 held as vec4s: `quad_<name>(q)` reads elements 4q..4q+3, a write stores a vec4
 
 
 @dataclass
@@ -118,6 +119,13 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
         if b.packs:
             out += _declare_packs(slot, b)
             continue
+        if b.quads:
+            # One 16-byte access where lavapipe would take four, each a loop over the SIMD lanes.
+            out.append(f"@group(0) @binding({slot}) var<storage, {access}> {b.name}: array<vec4<f32>>;")
+            if not b.write:
+                out += [f"fn quad_{b.name}(q: u32) -> vec4<f32> {{ return {b.name}[q]; }}",
+                        f"fn load_{b.name}(i: u32) -> f32 {{ return {b.name}[i >> 2u][i & 3u]; }}"]
+            continue
         elem = {"f32": "f32", "u32": "u32", "i32": "i32", "bf16": "u32",
                 "f16": "f16" if has_f16 else "u32"}[b.dtype]
         out.append(f"@group(0) @binding({slot}) var<storage, {access}> {b.name}: array<{elem}>;")
@@ -132,6 +140,9 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
                    f"let v = unpack2x16float({b.name}[i >> 1u]); return select(v.x, v.y, (i & 1u) == 1u);",
         }[b.dtype]
         out.append(f"fn load_{b.name}(i: u32) -> f32 {{ {body} }}")
+        if b.dtype == "bf16":       # elements i..i+3 (4 | i)
+            words = f"vec2<u32>({b.name}[i >> 1u], {b.name}[(i >> 1u) + 1u])"
+            out.append(f"fn load4_{b.name}(i: u32) -> vec4<f32> {{ return {BF16_QUAD.format(words)}; }}")
     return "\n".join(out)
 
 
@@ -168,7 +179,11 @@ def _declare_texture(slot: int, b: Binding) -> list[str]:
             "i32": f"return f32(bitcast<i32>({word}(i)));",
             "bf16": f"let w = {word}(i >> 1u); {BF16_SELECT}",
             "f16": f"let v = unpack2x16float({word}(i >> 1u)); return select(v.x, v.y, (i & 1u) == 1u);"}[b.dtype]
-    return out + [f"fn load_{name}(i: u32) -> f32 {{ {body} }}"]
+    out.append(f"fn load_{name}(i: u32) -> f32 {{ {body} }}")
+    if b.dtype == "bf16":           # elements i..i+3 (4 | i): half a texel, one fetch
+        out.append(f"fn load4_{name}(i: u32) -> vec4<f32> {{ let t = {texel}(i >> 3u); "
+                   f"return {BF16_QUAD.format('select(t.xy, t.zw, (i & 4u) != 0u)')}; }}")
+    return out
 
 
 # A 16-byte word of 8 bf16 or f16 elements `q` as a Pack (the low half of each word is the even element).
@@ -180,6 +195,9 @@ PACK_UNPACK = {
 }
 # bf16 is the top half of an f32: element i of word w, shifted into place (exact).
 BF16_SELECT = "return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));"
+# The four bf16 elements of a vec2<u32> of words, as f32.
+BF16_QUAD = ("bitcast<vec4<f32>>(vec4<u32>(({0}).x << 16u, ({0}).x & 0xffff0000u, ({0}).y << 16u, "
+             "({0}).y & 0xffff0000u))")
 
 
 def _declare_packs(slot: int, b: Binding) -> list[str]:
@@ -456,37 +474,69 @@ def _row_rms(load: str, eps: float) -> str:
     let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(eps)});"""
 
 
-def _rms_norm(ctx, node_id, node: Node) -> list[Kernel]:
+class _Loads:
+    """`{load:a}` in a norm's value: the expression `of(a)` for activation a."""
+
+    def __init__(self, of: Callable[[str], str]):
+        self.of = of
+
+    def __format__(self, name: str) -> str:
+        return self.of(name)
+
+
+def _quad_rows(ctx, node: Node, *bindings: Binding) -> list[Binding] | None:
+    """The row op's activations (and output) as quads, where its rows are whole vec4s; else None."""
+    if node.shape[-1] % 4 or any(b.dtype != "f32" or b.texture for b in bindings):
+        return None
+    return [replace(b, quads=True) for b in bindings]
+
+
+def _norm_rows(ctx, node_id, node: Node, label: str, acts: list[Binding], params: list[Binding],
+               x: str, value: str) -> list[Kernel]:
+    """A row's 1/rms of activation `x`, then out = `value` element by element (j, with `{load}(a)` the
+    element of activation a at base + j and `{w}` the norm weight's element j), by quads where rows allow."""
     n = node.shape[-1]
-    weighted = len(node.inputs) == 2
-    body = _row_rms("load_x", node.attrs["eps"]) + f"""
-    for (var j = li; j < n; j = j + WG) {{
-        out[base + j] = load_x(base + j) * r{' * load_w(j)' if weighted else ''};
-    }}"""
-    bindings = [ctx.value(node.inputs[0], "x")] + ([ctx.value(node.inputs[1], "w")] if weighted else [])
     rows, grid = _rows(node, n)
-    return [_kernel(ctx, "rms_norm", "rowreduce", bindings + [_out(node_id)], grid, wg=_row_wg(ctx), rows=rows, width=n,
-                    body=body)]
+    quads = _quad_rows(ctx, node, *acts, _out(node_id))
+    if quads is None:
+        body = _row_rms(f"load_{x}", node.attrs["eps"]) + f"""
+    for (var j = li; j < n; j = j + WG) {{ out[base + j] = {value.format(load=_Loads(lambda a: f"load_{a}(base + j)"),
+                                                                       w="load_w(j)")}; }}"""
+        return [_kernel(ctx, label, "rowreduce", acts + params + [_out(node_id)], grid, wg=_row_wg(ctx), rows=rows,
+                        width=n, body=body)]
+    weight = "load4_w(j)" if params and params[0].name == "w" and params[0].dtype == "bf16" and \
+        not params[0].packs else "vec4<f32>(load_w(j), load_w(j + 1u), load_w(j + 2u), load_w(j + 3u))"
+    body = f"""    var ss = 0.0;
+    for (var q = li; q < n / 4u; q = q + WG) {{ let v = quad_{x}(base / 4u + q); ss = ss + dot(v, v); }}
+    let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(node.attrs["eps"])});
+    for (var q = li; q < n / 4u; q = q + WG) {{
+        let j = 4u * q;
+        out[base / 4u + q] = {value.format(load=_Loads(lambda a: f"quad_{a}(base / 4u + q)"), w=weight)};
+    }}"""
+    return [_kernel(ctx, label, "rowreduce", quads[:-1] + params + quads[-1:], grid, wg=_row_wg(ctx), rows=rows,
+                    width=n, body=body)]
+
+
+def _rms_norm(ctx, node_id, node: Node) -> list[Kernel]:
+    weighted = len(node.inputs) == 2
+    params = [ctx.value(node.inputs[1], "w")] if weighted else []
+    value = "{load:x} * r" + " * {w}" * weighted
+    return _norm_rows(ctx, node_id, node, "rms_norm", [ctx.value(node.inputs[0], "x")], params, "x", value)
 
 
 def _add_norm(ctx, node_id, node: Node) -> list[Kernel]:
-    n = node.shape[-1]
     a = node.attrs
     extra = list(node.inputs[2:])
-    bindings = [ctx.value(node.inputs[0], "h"), ctx.value(node.inputs[1], "y")]
-    normed = "load_y(base + j) * r"
+    params = []
+    value = "{load:h} + {load:y} * r"
     if a["weighted"]:
-        bindings.append(ctx.value(extra.pop(0), "w"))
-        normed += " * load_w(j)"
-    value = f"load_h(base + j) + {normed}"
+        params.append(ctx.value(extra.pop(0), "w"))
+        value += " * {w}"
     if a["scaled"]:
-        bindings.append(ctx.value(extra.pop(0), "s"))
+        params.append(ctx.value(extra.pop(0), "s"))
         value = f"({value}) * load_s(0u)"
-    body = _row_rms("load_y", a["eps"]) + f"""
-    for (var j = li; j < n; j = j + WG) {{ out[base + j] = {value}; }}"""
-    rows, grid = _rows(node, n)
-    return [_kernel(ctx, "add_norm", "rowreduce", bindings + [_out(node_id)], grid, wg=_row_wg(ctx), rows=rows, width=n,
-                    body=body)]
+    return _norm_rows(ctx, node_id, node, "add_norm", [ctx.value(node.inputs[0], "h"), ctx.value(node.inputs[1], "y")],
+                      params, "y", value)
 
 
 def _softmax(ctx, node_id, node: Node) -> list[Kernel]:
