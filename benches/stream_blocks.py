@@ -1,11 +1,12 @@
 """Time the matrix kernels' block sizes on this device, interleaved in one run.
 
-    python benches/stream_blocks.py [--config FILE] [--quantize q8|q4] VARIANT...
+    python benches/stream_blocks.py [--config FILE] [--quantize q8|q4] [--rounds N] VARIANT...
 
 Each VARIANT is JSON. A list replaces this device's layout's STREAMED entry in meganeura/backend/kernels.py
 (step sizes, weight rows per block, token rows per block; null is no upper bound), e.g.
 '[[[1, 1], 6, 1], [[2, null], 4, 8]]'; an object may hold that list as "streamed" and also set "tile"
-(GEMM_TILE: token rows, weight rows, k step of the tiled GEMM) and "wg" (STREAM_WG). A random-weight model of
+(GEMM_TILE: token rows, weight rows, k step of the tiled GEMM) and "wg" (STREAM_WG), and any other upper-case
+key sets the kernels module's constant of that name (e.g. '{"GEMV_MIN_ROWS": 8}'). A random-weight model of
 the config (default llama-34m) is prefilled with 64 tokens, then its one-token decode step and its 64-token
 step are timed, dispatched back to back in one pass, variants taking turns so other work on the machine slows
 all alike; the fastest of the rounds (--rounds, default 5) is printed.
