@@ -474,17 +474,7 @@ def _row_rms(load: str, eps: float) -> str:
     let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(eps)});"""
 
 
-class _Loads:
-    """`{load:a}` in a norm's value: the expression `of(a)` for activation a."""
-
-    def __init__(self, of: Callable[[str], str]):
-        self.of = of
-
-    def __format__(self, name: str) -> str:
-        return self.of(name)
-
-
-def _quad_rows(ctx, node: Node, *bindings: Binding) -> list[Binding] | None:
+def _quad_rows(node: Node, *bindings: Binding) -> list[Binding] | None:
     """The row op's activations (and output) as quads, where its rows are whole vec4s; else None."""
     if node.shape[-1] % 4 or any(b.dtype != "f32" or b.texture for b in bindings):
         return None
@@ -492,26 +482,25 @@ def _quad_rows(ctx, node: Node, *bindings: Binding) -> list[Binding] | None:
 
 
 def _norm_rows(ctx, node_id, node: Node, label: str, acts: list[Binding], params: list[Binding],
-               x: str, value: str) -> list[Kernel]:
-    """A row's 1/rms of activation `x`, then out = `value` element by element (j, with `{load}(a)` the
-    element of activation a at base + j and `{w}` the norm weight's element j), by quads where rows allow."""
+               x: str, value: Callable[[Callable[[str], str], str], str]) -> list[Kernel]:
+    """A row's 1/rms (r) of activation `x`, then out = value(load, w) element by element, or a vec4 at a time
+    where rows are whole vec4s: load(a) is activation a's element(s) there, w the norm weight's."""
     n = node.shape[-1]
     rows, grid = _rows(node, n)
-    quads = _quad_rows(ctx, node, *acts, _out(node_id))
+    quads = _quad_rows(node, *acts, _out(node_id))
     if quads is None:
         body = _row_rms(f"load_{x}", node.attrs["eps"]) + f"""
-    for (var j = li; j < n; j = j + WG) {{ out[base + j] = {value.format(load=_Loads(lambda a: f"load_{a}(base + j)"),
-                                                                       w="load_w(j)")}; }}"""
+    for (var j = li; j < n; j = j + WG) {{ out[base + j] = {value(lambda a: f"load_{a}(base + j)", "load_w(j)")}; }}"""
         return [_kernel(ctx, label, "rowreduce", acts + params + [_out(node_id)], grid, wg=_row_wg(ctx), rows=rows,
                         width=n, body=body)]
-    weight = "load4_w(j)" if params and params[0].name == "w" and params[0].dtype == "bf16" and \
-        not params[0].packs else "vec4<f32>(load_w(j), load_w(j + 1u), load_w(j + 2u), load_w(j + 3u))"
+    weight = "load4_w(j)" if params and params[0].name == "w" and params[0].dtype == "bf16" else \
+        "vec4<f32>(load_w(j), load_w(j + 1u), load_w(j + 2u), load_w(j + 3u))"
     body = f"""    var ss = 0.0;
     for (var q = li; q < n / 4u; q = q + WG) {{ let v = quad_{x}(base / 4u + q); ss = ss + dot(v, v); }}
     let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(node.attrs["eps"])});
     for (var q = li; q < n / 4u; q = q + WG) {{
         let j = 4u * q;
-        out[base / 4u + q] = {value.format(load=_Loads(lambda a: f"quad_{a}(base / 4u + q)"), w=weight)};
+        out[base / 4u + q] = {value(lambda a: f"quad_{a}(base / 4u + q)", weight)};
     }}"""
     return [_kernel(ctx, label, "rowreduce", quads[:-1] + params + quads[-1:], grid, wg=_row_wg(ctx), rows=rows,
                     width=n, body=body)]
@@ -520,21 +509,20 @@ def _norm_rows(ctx, node_id, node: Node, label: str, acts: list[Binding], params
 def _rms_norm(ctx, node_id, node: Node) -> list[Kernel]:
     weighted = len(node.inputs) == 2
     params = [ctx.value(node.inputs[1], "w")] if weighted else []
-    value = "{load:x} * r" + " * {w}" * weighted
-    return _norm_rows(ctx, node_id, node, "rms_norm", [ctx.value(node.inputs[0], "x")], params, "x", value)
+    return _norm_rows(ctx, node_id, node, "rms_norm", [ctx.value(node.inputs[0], "x")], params, "x",
+                      lambda load, w: f"{load('x')} * r" + f" * {w}" * weighted)
 
 
 def _add_norm(ctx, node_id, node: Node) -> list[Kernel]:
     a = node.attrs
     extra = list(node.inputs[2:])
-    params = []
-    value = "{load:h} + {load:y} * r"
-    if a["weighted"]:
-        params.append(ctx.value(extra.pop(0), "w"))
-        value += " * {w}"
+    params = [ctx.value(extra.pop(0), "w")] if a["weighted"] else []
     if a["scaled"]:
         params.append(ctx.value(extra.pop(0), "s"))
-        value = f"({value}) * load_s(0u)"
+
+    def value(load, w):
+        y = f"{load('h')} + {load('y')} * r" + f" * {w}" * a["weighted"]
+        return f"({y}) * load_s(0u)" if a["scaled"] else y
     return _norm_rows(ctx, node_id, node, "add_norm", [ctx.value(node.inputs[0], "h"), ctx.value(node.inputs[1], "y")],
                       params, "y", value)
 
@@ -1303,9 +1291,9 @@ def _combine_splits(ctx, node_id, label, scratch: Ref, nh: int, d: int, splits: 
 
 def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
     """The cache writes of a step's keys and values (every cache_write of the same x and position, with
-    the same head size) share one dispatch: one workgroup per (token, head of any of them), which reads
-    the head at column `at` of the token's row, RMS-norms and rotates it and stores it in slot
-    (start + token) mod slots of its cache (bound as that node's output); the first node lowers them all."""
+    the same head size) share one dispatch (`_cache_writes`). A head is read at column `at` of the token's
+    row, RMS-normed, rotated and stored in slot (start + token) mod slots of its cache (bound as that node's
+    output); the first node lowers them all."""
     g = ctx.graph
     group = [i for i, n in enumerate(g.nodes) if n.op == "cache_write" and n.inputs[1:3] == node.inputs[1:3]
              and g[n.inputs[0]].shape[2] == g[node.inputs[0]].shape[2]]
@@ -1316,29 +1304,48 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
         group = [node_id]
     if group[0] != node_id:
         return []
+    # On a CPU a one-token step's writes are one workgroup (a workgroup is a task handed to lavapipe's pool,
+    # and a decode step's eight tasks cost more than their work); longer steps keep a workgroup per head.
+    if ctx.layout == "cpu":
+        return [replace(_cache_writes(ctx, group, per_token=True), tokens=(1, 1)),
+                replace(_cache_writes(ctx, group, per_token=False), tokens=(2, math.inf))]
+    return [_cache_writes(ctx, group, per_token=False)]
+
+
+def _cache_writes(ctx, group: list[int], per_token: bool) -> Kernel:
+    """The dispatch of a group of cache writes: a workgroup per (token, head of any of them), or per token
+    walking its heads."""
+    g = ctx.graph
+    node = g[group[0]]
     x, d = g[node.inputs[1]], g[node.inputs[0]].shape[2]
     bindings, parts, body, first = [ctx.value(node.inputs[1], "x")], [], [], 0
     heads_in_all = sum(g[g[i].inputs[0]].shape[1] for i in group)
-    body.append(f"    let token = row / {heads_in_all}u;")
+    if per_token:
+        body.append(f"    let token = row;\n    for (var hrow = 0u; hrow < {heads_in_all}u; hrow = hrow + 1u) {{")
+    else:
+        body.append(f"    let token = row / {heads_in_all}u;\n    let hrow = row % {heads_in_all}u;")
     for k, i in enumerate(group):
-        mine, p, lines = _cache_head(ctx, i, g[i], x, k, f"row % {heads_in_all}u - {first}u")
+        mine, p, lines = _cache_head(ctx, i, g[i], x, k, f"hrow - {first}u")
         bindings += [b for b in mine if b not in bindings]
         parts += p
         first += g[g[i].inputs[0]].shape[1]
-        if len(group) > 1:              # each workgroup's head belongs to one of the caches
+        if len(group) > 1:              # each head belongs to one of the caches
             branch = "if" if k == 0 else "} else" if k == len(group) - 1 else "} else if"
-            guard = f" (row % {heads_in_all}u < {first}u)" if not branch.endswith("else") else ""
-            body.append(f"    {branch}{guard} {{   // {g[g[i].inputs[0]].attrs['name']}")
-        body += ["    " * (len(group) > 1) + line for text in lines for line in text.split("\n")]
+            guard = f" (hrow < {first}u)" if not branch.endswith("else") else ""
+            body.append("    " * per_token + f"    {branch}{guard} {{   // {g[g[i].inputs[0]].attrs['name']}")
+        body += ["    " * ((len(group) > 1) + per_token) + line for text in lines for line in text.split("\n")]
     if len(group) > 1:
+        body.append("    " * per_token + "    }")
+    if per_token:
         body.append("    }")
     # On a CPU every invocation of a workgroup runs, so a head gets one subgroup (`_row_wg`), or about a lane a
     # texel (a power of two, for the norm's tree): 16 for 64-wide heads writes a 64-token step's keys 2-3x
     # faster than 64 lanes.
     wg = ROW_WG if ctx.layout != "cpu" else _row_wg(ctx) if _row_wg(ctx) != ROW_WG else \
         min(ROW_WG, max(8, _power_of_two_at_most(d // 4)))
-    return [_kernel(ctx, "cache_write", "rowreduce", bindings, lambda s: grid_1d(s * heads_in_all, 1),
-                    prelude=helpers(*parts), wg=wg, rows=f"(step.S * {heads_in_all}u)", width=d, body="\n".join(body))]
+    rows = 1 if per_token else heads_in_all
+    return _kernel(ctx, "cache_write", "rowreduce", bindings, lambda s: grid_1d(s * rows, 1),
+                   prelude=helpers(*parts), wg=wg, rows=f"(step.S * {rows}u)", width=d, body="\n".join(body))
 
 
 def _cache_head(ctx, node_id, node: Node, x: Node, k: int, head: str) -> tuple[list[Binding], list[str], list[str]]:
