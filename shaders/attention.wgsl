@@ -17,31 +17,7 @@ var<workgroup> v_scale: array<f32, 64>;        // 1/rms of each key's v head in 
 var<workgroup> acc: array<f32, ${head_dim}>;
 var<workgroup> q_raw: array<f32, ${head_dim}>;
 var<workgroup> q_ready: array<f32, ${head_dim}>;   // the query head after its norm and rope
-var<workgroup> red: array<f32, 64>;
-
-fn reduce_max(x: f32, li: u32) -> f32 {
-    red[li] = x;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-        if (li < w) { red[li] = max(red[li], red[li + w]); }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_sum(x: f32, li: u32) -> f32 {
-    red[li] = x;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-        if (li < w) { red[li] = red[li] + red[li + w]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
+${reductions}
 
 // The row that holds key position j.
 fn slot(j: u32) -> u32 { return ${slot}; }

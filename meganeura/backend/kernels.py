@@ -318,7 +318,9 @@ def _kernel(ctx, label, template, bindings, grid, entry="main", prelude="", **su
     """`prelude`: helper functions placed after the declarations (an `enable` directive must come first)."""
     if template == "rowreduce":      # (a GPU may choose a pipeline's subgroup size: there the tree, always)
         one_subgroup = ctx.layout == "cpu" and subs["wg"] == ctx.subgroup_size
-        subs["reductions"] = SUBGROUP_REDUCTIONS if one_subgroup else TREE_REDUCTIONS
+        subs["reductions"] = render("reduce_subgroup" if one_subgroup else "reduce_tree")
+    elif template == "attention":
+        subs["reductions"] = render("reduce_tree")
     src = render(template, bindings=declare(bindings, ctx.has_f16) + "\n" + prelude, **subs)
     return Kernel(label, src, entry, bindings, grid)
 
@@ -424,41 +426,9 @@ def _rope(ctx, node_id, node: Node) -> list[Kernel]:
 
 # ---------------------------------------------------------------- row reductions
 
-# rowreduce.wgsl's reductions across the workgroup: a tree in workgroup memory, or where the workgroup is one
-# subgroup (`_row_wg`), subgroup operations: no barriers, which lavapipe emulates by switching between the
-# workgroup's SIMD vectors (a one-token add_norm took 100 us in a 64-lane tree, most of it barriers).
-TREE_REDUCTIONS = """var<workgroup> partial: array<f32, WG>;
-
-fn reduce_sum(v: f32, li: u32) -> f32 {
-    partial[li] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) { partial[li] = partial[li] + partial[li + s]; }
-        workgroupBarrier();
-    }
-    let r = partial[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_max(v: f32, li: u32) -> f32 {
-    partial[li] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) { partial[li] = max(partial[li], partial[li + s]); }
-        workgroupBarrier();
-    }
-    let r = partial[0];
-    workgroupBarrier();
-    return r;
-}"""
-SUBGROUP_REDUCTIONS = """fn reduce_sum(v: f32, li: u32) -> f32 { return subgroupAdd(v); }
-fn reduce_max(v: f32, li: u32) -> f32 { return subgroupMax(v); }"""
-
-
 def _row_wg(ctx) -> int:
     """A rowreduce workgroup: on a CPU device with subgroups one subgroup (a SIMD vector, reduced without
-    barriers), else ROW_WG lanes."""
+    barriers: a one-token add_norm took 100 us in a 64-lane tree, most of it barriers), else ROW_WG lanes."""
     sub = ctx.subgroup_size
     return sub if ctx.layout == "cpu" and sub > 1 and sub & (sub - 1) == 0 else ROW_WG
 
