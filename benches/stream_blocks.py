@@ -30,9 +30,12 @@ def step_seconds(runner, tokens: int, start: int, reps: int = 3) -> float:
     return seconds(runner, runner.encoding(tokens), reps)
 
 
-def configure(variant: str, layout: str) -> None:
+def parse(variant: str) -> dict:
     v = json.loads(variant)
-    v = {"streamed": v} if isinstance(v, list) else v
+    return {"streamed": v} if isinstance(v, list) else v
+
+
+def configure(v: dict, layout: str) -> None:
     if "streamed" in v:
         kernels.STREAMED[layout] = [((lo, hi if hi is not None else float("inf")), rows, tokens)
                                     for (lo, hi), rows, tokens in v["streamed"]]
@@ -55,11 +58,11 @@ def main(argv=None):
     path = tempfile.mkdtemp()
     _random_checkpoint(args.config, path)
     layout = open_device().layout
+    variants = [parse(v) for v in args.variants]
     defaults = (list(kernels.STREAMED[layout]), kernels.GEMM_TILE, kernels.STREAM_WG)
-    constants = {name: getattr(kernels, name) for v in args.variants for name in json.loads(v)
-                 if isinstance(json.loads(v), dict) and name.isupper()}
+    constants = {name: getattr(kernels, name) for v in variants for name in v if name.isupper()}
     runners = []
-    for v in args.variants:
+    for v in variants:
         kernels.STREAMED[layout], kernels.GEMM_TILE, kernels.STREAM_WG = list(defaults[0]), *defaults[1:]
         for name, value in constants.items():
             setattr(kernels, name, value)

@@ -1311,8 +1311,9 @@ def _cache_writes(ctx, group: list[int], per_token: bool) -> Kernel:
     # On a CPU every invocation of a workgroup runs, so a head gets one subgroup (`_row_wg`), or about a lane a
     # texel (a power of two, for the norm's tree): 16 for 64-wide heads writes a 64-token step's keys 2-3x
     # faster than 64 lanes.
-    wg = ROW_WG if ctx.layout != "cpu" else _row_wg(ctx) if _row_wg(ctx) != ROW_WG else \
-        min(ROW_WG, max(8, _power_of_two_at_most(d // 4)))
+    wg = _row_wg(ctx) if ctx.layout == "cpu" else ROW_WG
+    if ctx.layout == "cpu" and wg == ROW_WG:
+        wg = min(ROW_WG, max(8, _power_of_two_at_most(d // 4)))
     rows = 1 if per_token else heads_in_all
     return _kernel(ctx, "cache_write", "rowreduce", bindings, lambda s: grid_1d(s * rows, 1),
                    prelude=helpers(*parts), wg=wg, rows=f"(step.S * {rows}u)", width=d, body="\n".join(body))

@@ -18,13 +18,13 @@ from .kernels import TEXEL_ROW, Context, Kernel, Ref, lower, numel_at
 from .plan import ArenaPlan, base_of, padded, plan_arena, weight_windows
 
 STORED = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+CHUNK = 32 << 20          # upload granularity: bounds the host memory an upload needs beyond the mmap
 
 
 def native_lib():
     """wgpu-native's C functions and cffi's null pointer (wgpu is pinned, so its private module is stable)."""
     from wgpu.backends.wgpu_native._api import ffi, lib
     return lib, ffi.NULL
-CHUNK = 32 << 20          # upload granularity: bounds the host memory an upload needs beyond the mmap
 
 
 @dataclass
