@@ -6,7 +6,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import meganeura as mn
 from meganeura.graph import OPS, S
@@ -432,6 +432,11 @@ def cached_attention_graph(kv, group, d, slots, window, at, norm, rope, fused):
        window=st.one_of(st.none(), st.integers(1, 7)), at=st.integers(0, 3),
        norm=st.sampled_from([None, "weighted", "unit"]), rope=st.booleans(), fused=st.booleans(),
        chunks=st.lists(st.integers(1, 6), min_size=1, max_size=5), dtype=wdtypes, layout=layouts)
+# Heads of whole vec4s at an aligned column: the cache writes go a vec4 a lane (bf16 and f32 norm weights).
+@example(kv=2, group=1, half=4, window=None, at=0, norm="weighted", rope=True, fused=False, chunks=[3, 1, 1],
+         dtype="bf16", layout="cpu")
+@example(kv=1, group=3, half=8, window=5, at=0, norm="weighted", rope=True, fused=True, chunks=[4, 1],
+         dtype="f32", layout="gpu")
 def test_cache_write_and_attention_over_a_cache(kv, group, half, window, at, norm, rope, fused, chunks, dtype, layout):
     """Steps of a few tokens through ring-buffer caches as small as the window allows, on both backends."""
     d, chunk = 2 * half, max(chunks)
@@ -494,6 +499,11 @@ def test_longer_steps_share_key_fetches_across_a_subgroup(kv, group, d, window, 
        keys_per_split=st.integers(1, 5), prefill=st.integers(1, 9),
        steps=st.lists(st.integers(1, 4), min_size=8, max_size=24), extra_slots=st.sampled_from([0, 0, 20]),
        dtype=wdtypes, layout=layouts)
+# Heads of whole vec4 pairs at aligned columns: the cache writes go a vec4 a lane (rotated, normed by weights).
+@example(kv=2, group=3, half=8, window=None, pad=0, q_norm=True, k_norm="weighted", rope=True, softcap=None,
+         keys_per_split=2, prefill=3, steps=[1, 2, 1, 1, 3, 1, 1, 1], extra_slots=0, dtype="bf16", layout="cpu")
+@example(kv=1, group=2, half=4, window=6, pad=0, q_norm=True, k_norm=None, rope=True, softcap=3.0,
+         keys_per_split=5, prefill=9, steps=[1, 1, 4, 1, 1, 1, 1, 1], extra_slots=20, dtype="f32", layout="cpu")
 def test_split_attention_over_a_cache(kv, group, half, window, pad, q_norm, k_norm, rope, softcap, keys_per_split,
                                       prefill, steps, extra_slots, dtype, layout):
     """Decode steps (up to kernels.SPLIT_TOKENS tokens) run the split-KV kernels: keys shared among several

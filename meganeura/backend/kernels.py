@@ -123,7 +123,7 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
             # One 16-byte access where lavapipe would take four, each a loop over the SIMD lanes.
             out.append(f"@group(0) @binding({slot}) var<storage, {access}> {b.name}: array<vec4<f32>>;")
             if not b.write:
-                out += [f"fn quad_{b.name}(q: u32) -> vec4<f32> {{ return {b.name}[q]; }}",
+                out += [f"fn quad_{b.name}(at: u32) -> vec4<f32> {{ return {b.name}[at]; }}",
                         f"fn load_{b.name}(i: u32) -> f32 {{ return {b.name}[i >> 2u][i & 3u]; }}"]
             continue
         elem = {"f32": "f32", "u32": "u32", "i32": "i32", "bf16": "u32",
@@ -319,10 +319,25 @@ def _kernel(ctx, label, template, bindings, grid, entry="main", prelude="", **su
     if template == "rowreduce":      # (a GPU may choose a pipeline's subgroup size: there the tree, always)
         one_subgroup = ctx.layout == "cpu" and subs["wg"] == ctx.subgroup_size
         subs["reductions"] = render("reduce_subgroup" if one_subgroup else "reduce_tree")
+        subs["group"] = CPU_ROW_GROUP if one_subgroup else 1
+        subs["size"] = subs["wg"] * subs["group"]
+        grid = _grouped(grid, subs["group"])
     elif template == "attention":
         subs["reductions"] = render("reduce_tree")
     src = render(template, bindings=declare(bindings, ctx.has_f16) + "\n" + prelude, **subs)
     return Kernel(label, src, entry, bindings, grid)
+
+
+# Rows of one subgroup each that a CPU workgroup takes together: lavapipe hands each workgroup to its pool as
+# a task (about 2 us each), and a 64-token step writes 512 cache heads.
+CPU_ROW_GROUP = 8
+
+
+def _grouped(grid: Callable, group: int) -> Callable:
+    """A grid of a workgroup per row as one of a workgroup per `group` rows."""
+    if group == 1:
+        return grid
+    return lambda s: grid_1d(math.prod(grid(s)), group)
 
 
 def _out(node_id, dtype: str = "f32") -> Binding:
@@ -978,6 +993,15 @@ ROTATE = """fn rotate(x: f32, partner_x: f32, row: u32, d: u32) -> f32 {
 }"""
 
 
+# rotate for elements d..d+3 (4 | d, 4 | HALF) of a table bound as vec4s: their cos/sin pairs are two quads.
+ROTATE4 = """fn rotate4(x: vec4<f32>, partner_x: vec4<f32>, row: u32, d: u32) -> vec4<f32> {
+    let c = (row * HALF + d % HALF) / 2u;
+    let a = table[c];
+    let b = table[c + 1u];
+    return x * vec4<f32>(a.x, a.z, b.x, b.z) + select(partner_x, -partner_x, d < HALF) * vec4<f32>(a.y, a.w, b.y, b.w);
+}"""
+
+
 def _row_width(node: Node) -> int:
     """Elements per token of a [tokens, ...] tensor."""
     return math.prod(node.shape[1:])
@@ -1274,39 +1298,34 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
         group = [node_id]
     if group[0] != node_id:
         return []
-    # On a CPU a one-token step's writes are one workgroup (a workgroup is a task handed to lavapipe's pool,
-    # and a decode step's eight tasks cost more than their work); longer steps keep a workgroup per head.
-    if ctx.layout == "cpu":
-        return [replace(_cache_writes(ctx, group, per_token=True), tokens=(1, 1)),
-                replace(_cache_writes(ctx, group, per_token=False), tokens=(2, math.inf))]
-    return [_cache_writes(ctx, group, per_token=False)]
+    return [_cache_writes(ctx, group)]
 
 
-def _cache_writes(ctx, group: list[int], per_token: bool) -> Kernel:
-    """The dispatch of a group of cache writes: a workgroup per (token, head of any of them), or per token
-    walking its heads."""
+def _cache_writes(ctx, group: list[int]) -> Kernel:
+    """The dispatch of a group of cache writes: a row (rowreduce's workgroup, or subgroup) per (token, head of
+    any of them)."""
     g = ctx.graph
     node = g[group[0]]
     x, d = g[node.inputs[1]], g[node.inputs[0]].shape[2]
-    bindings, parts, body, first = [ctx.value(node.inputs[1], "x")], [], [], 0
+    bindings, parts, first = [ctx.value(node.inputs[1], "x")], [], 0
     heads_in_all = sum(g[g[i].inputs[0]].shape[1] for i in group)
-    if per_token:
-        body.append(f"    let token = row;\n    for (var hrow = 0u; hrow < {heads_in_all}u; hrow = hrow + 1u) {{")
-    else:
-        body.append(f"    let token = row / {heads_in_all}u;\n    let hrow = row % {heads_in_all}u;")
+    # Whole vec4s everywhere (a rotation's halves too): the heads are read and written by quads.
+    quads = (d % 8 == 0 and _row_width(x) % 4 == 0 and all(g[i].attrs["at"] % 4 == 0 for i in group)
+             and bindings[0].dtype == "f32" and not bindings[0].texture)
+    if quads:
+        bindings = [replace(bindings[0], quads=True)]
+    body = [f"    let token = row / {heads_in_all}u;\n    let hrow = row % {heads_in_all}u;"]
     for k, i in enumerate(group):
-        mine, p, lines = _cache_head(ctx, i, g[i], x, k, f"hrow - {first}u")
+        mine, p, lines = _cache_head(ctx, i, g[i], x, k, f"hrow - {first}u", quads)
         bindings += [b for b in mine if b not in bindings]
         parts += p
         first += g[g[i].inputs[0]].shape[1]
         if len(group) > 1:              # each head belongs to one of the caches
             branch = "if" if k == 0 else "} else" if k == len(group) - 1 else "} else if"
             guard = f" (hrow < {first}u)" if not branch.endswith("else") else ""
-            body.append("    " * per_token + f"    {branch}{guard} {{   // {g[g[i].inputs[0]].attrs['name']}")
-        body += ["    " * ((len(group) > 1) + per_token) + line for text in lines for line in text.split("\n")]
+            body.append(f"    {branch}{guard} {{   // {g[g[i].inputs[0]].attrs['name']}")
+        body += ["    " * (len(group) > 1) + line for text in lines for line in text.split("\n")]
     if len(group) > 1:
-        body.append("    " * per_token + "    }")
-    if per_token:
         body.append("    }")
     # On a CPU every invocation of a workgroup runs, so a head gets one subgroup (`_row_wg`), or about a lane a
     # texel (a power of two, for the norm's tree): 16 for 64-wide heads writes a 64-token step's keys 2-3x
@@ -1314,13 +1333,15 @@ def _cache_writes(ctx, group: list[int], per_token: bool) -> Kernel:
     wg = _row_wg(ctx) if ctx.layout == "cpu" else ROW_WG
     if ctx.layout == "cpu" and wg == ROW_WG:
         wg = min(ROW_WG, max(8, _power_of_two_at_most(d // 4)))
-    rows = 1 if per_token else heads_in_all
-    return _kernel(ctx, "cache_write", "rowreduce", bindings, lambda s: grid_1d(s * rows, 1),
-                   prelude=helpers(*parts), wg=wg, rows=f"(step.S * {rows}u)", width=d, body="\n".join(body))
+    return _kernel(ctx, "cache_write", "rowreduce", bindings, lambda s: grid_1d(s * heads_in_all, 1),
+                   prelude=helpers(*parts), wg=wg, rows=f"(step.S * {heads_in_all}u)", width=d, body="\n".join(body))
 
 
-def _cache_head(ctx, node_id, node: Node, x: Node, k: int, head: str) -> tuple[list[Binding], list[str], list[str]]:
-    """(bindings, helpers, body lines) writing head `head` of cache_write `node` (the k-th of its dispatch)."""
+def _cache_head(ctx, node_id, node: Node, x: Node, k: int, head: str, quads: bool
+                ) -> tuple[list[Binding], list[str], list[str]]:
+    """(bindings, helpers, body lines) writing head `head` of cache_write `node` (the k-th of its dispatch),
+    an element a lane, or with `quads` a vec4 a lane (x, the cache and the rope table then read and written as
+    vec4s: lavapipe takes a storage access lane by lane, whatever its width)."""
     cache = ctx.graph[node.inputs[0]]
     slots, heads, d = cache.shape
     a = node.attrs
@@ -1328,25 +1349,40 @@ def _cache_head(ctx, node_id, node: Node, x: Node, k: int, head: str) -> tuple[l
     body = [f"    let src = token * {_row_width(x)}u + {a['at']}u + ({head}) * n;",
             f"    let dst = ((step.start + token) % {slots}u) * {heads * d}u + ({head}) * n;"]
     if a["norm"] is not None:
-        body.append(_row_rms("load_x", a["eps"]).replace("base + j", "src + j"))
-    if a["norm"] == "weighted":
-        bindings.append(ctx.value(node.inputs[3], w))
+        body.append(_row_rms("load_x", a["eps"]).replace("base + j", "src + j") if not quads else f"""    var ss = 0.0;
+    for (var q = li; q < n / 4u; q = q + WG) {{ let v = quad_x(src / 4u + q); ss = ss + dot(v, v); }}
+    let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(a["eps"])});""")
+    weighted = ctx.value(node.inputs[3], w) if a["norm"] == "weighted" else None
+    if weighted:
+        bindings.append(weighted)
 
     def elem(j: str) -> str:
-        """Element j of the head after its norm."""
-        return f"load_x(src + {j})" + " * r" * (a["norm"] is not None) + f" * load_{w}({j})" * (a["norm"] == "weighted")
+        """Element j of the head after its norm (with quads: elements j..j+3)."""
+        if not quads:
+            return f"load_x(src + {j})" + " * r" * (a["norm"] is not None) + f" * load_{w}({j})" * bool(weighted)
+        scale = (f"load4_{w}({j})" if weighted.dtype == "bf16" else
+                 f"vec4<f32>(load_{w}({j}), load_{w}({j} + 1u), load_{w}({j} + 2u), load_{w}({j} + 3u))") \
+            if weighted else ""
+        return f"quad_x((src + {j}) / 4u)" + " * r" * (a["norm"] is not None) + f" * {scale}" * bool(weighted)
 
     value = elem("j")
     if a["rope"] is not None:
         inv_freq, scaling = a["rope"]
         key = ctx.rope_key(Node("rope", (), {"inv_freq": inv_freq, "attention_scaling": scaling}, (), "f32"))
-        bindings.append(Binding("table", Ref("rope", key), "f32"))
-        parts += [f"const HALF: u32 = {d // 2}u;", ROTATE]
-        value = f"rotate({value}, {elem('select(j - HALF, j + HALF, j < HALF)')}, token, j)"
-    bindings.append(Binding(out, Ref("node", node_id), "f32", write=True))
-    if ctx.textures and d % 4 == 0:
-        # The cache's texture copy (read by attention) is written here too, a texel (4 elements) a lane.
+        bindings.append(Binding("table", Ref("rope", key), "f32", quads=quads))
+        parts += [f"const HALF: u32 = {d // 2}u;", ROTATE4 if quads else ROTATE]
+        value = f"rotate{'4' * quads}({value}, {elem('select(j - HALF, j + HALF, j < HALF)')}, token, j)"
+    bindings.append(Binding(out, Ref("node", node_id), "f32", write=True, quads=quads))
+    texture = ctx.textures and d % 4 == 0
+    if texture:         # the cache's texture copy (read by attention) is written here too
         bindings.append(Binding(texels, Ref("node", node_id), "f32", write=True, texture=True))
+    if quads:
+        body.append(f"""    for (var q = li; q < n / 4u; q = q + WG) {{
+        let j = 4u * q;
+        let v = {value};
+        {out}[dst / 4u + q] = v;""" + f"\n        store_{texels}(dst / 4u + q, bitcast<vec4<u32>>(v));" * texture
+                    + "\n    }")
+    elif texture:
         body.append(f"""    for (var t = li; t < n / 4u; t = t + WG) {{
         var v: vec4<f32>;
         for (var c = 0u; c < 4u; c = c + 1u) {{ let j = 4u * t + c; v[c] = {value}; {out}[dst + j] = v[c]; }}
