@@ -329,7 +329,7 @@ def _kernel(ctx, label, template, bindings, grid, entry="main", prelude="", **su
 
 
 # Rows of one subgroup each that a CPU workgroup takes together: lavapipe hands each workgroup to its pool as
-# a task (about 2 us each), and a 64-token step writes 512 cache heads.
+# a task, and a 64-token step writes 512 cache heads (as 64 tasks, not 512).
 CPU_ROW_GROUP = 8
 
 
