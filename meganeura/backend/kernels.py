@@ -452,11 +452,23 @@ def _rows(node: Node, width: int) -> tuple[str, Callable]:
     return f"({numel(node.shape)} / {width}u)", lambda s: grid_1d(numel_at(node.shape, s) // width, 1)
 
 
-def _row_rms(load: str, eps: float) -> str:
-    """Rowreduce lines that leave this row's 1/rms of `load(base + j)` in `r`."""
+def _row_rms(name: str, eps: float, base: str = "base", quads: bool = False) -> str:
+    """Rowreduce lines that leave in `r` the 1/rms of binding `name`'s n elements from `base`, read an
+    element a lane, or with `quads` a vec4 a lane."""
+    if quads:
+        walk = f"for (var q = li; q < n / 4u; q = q + WG) {{ let v = quad_{name}({base} / 4u + q); ss = ss + dot(v, v); }}"
+    else:
+        walk = f"for (var j = li; j < n; j = j + WG) {{ let v = load_{name}({base} + j); ss = ss + v * v; }}"
     return f"""    var ss = 0.0;
-    for (var j = li; j < n; j = j + WG) {{ let v = {load}(base + j); ss = ss + v * v; }}
+    {walk}
     let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(eps)});"""
+
+
+def _load4(b: Binding, i: str) -> str:
+    """Elements i..i+3 (4 | i) of read binding `b` as a vec4<f32>: one fetch for bf16 (`load4_`), else four."""
+    if b.dtype == "bf16":
+        return f"load4_{b.name}({i})"
+    return "vec4<f32>(" + ", ".join(f"load_{b.name}({i}{f' + {c}u' * bool(c)})" for c in range(4)) + ")"
 
 
 def _quad_rows(node: Node, *bindings: Binding) -> list[Binding] | None:
@@ -474,18 +486,15 @@ def _norm_rows(ctx, node_id, node: Node, label: str, acts: list[Binding], params
     rows, grid = _rows(node, n)
     quads = _quad_rows(node, *acts, _out(node_id))
     if quads is None:
-        body = _row_rms(f"load_{x}", node.attrs["eps"]) + f"""
+        body = _row_rms(x, node.attrs["eps"]) + f"""
     for (var j = li; j < n; j = j + WG) {{ out[base + j] = {value(lambda a: f"load_{a}(base + j)", "load_w(j)")}; }}"""
         return [_kernel(ctx, label, "rowreduce", acts + params + [_out(node_id)], grid, wg=_row_wg(ctx), rows=rows,
                         width=n, body=body)]
-    weight = "load4_w(j)" if params and params[0].name == "w" and params[0].dtype == "bf16" else \
-        "vec4<f32>(load_w(j), load_w(j + 1u), load_w(j + 2u), load_w(j + 3u))"
-    body = f"""    var ss = 0.0;
-    for (var q = li; q < n / 4u; q = q + WG) {{ let v = quad_{x}(base / 4u + q); ss = ss + dot(v, v); }}
-    let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(node.attrs["eps"])});
+    w = [b for b in params if b.name == "w"]
+    body = _row_rms(x, node.attrs["eps"], quads=True) + f"""
     for (var q = li; q < n / 4u; q = q + WG) {{
         let j = 4u * q;
-        out[base / 4u + q] = {value(lambda a: f"quad_{a}(base / 4u + q)", weight)};
+        out[base / 4u + q] = {value(lambda a: f"quad_{a}(base / 4u + q)", _load4(w[0], "j") if w else "")};
     }}"""
     return [_kernel(ctx, label, "rowreduce", quads[:-1] + params + quads[-1:], grid, wg=_row_wg(ctx), rows=rows,
                     width=n, body=body)]
@@ -1137,9 +1146,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                  + f"\n        p = p * {HEAD_RMS.format('v_ss')};")
     quads = []
     for name, b in (("k", bindings[1]), ("v", bindings[2])):
-        body = (f"bitcast<vec4<f32>>(texel_{name}(t))" if b.texture else
-                f"vec4<f32>(load_{name}(4u * t), load_{name}(4u * t + 1u), load_{name}(4u * t + 2u), "
-                f"load_{name}(4u * t + 3u))")
+        body = f"bitcast<vec4<f32>>(texel_{name}(t))" if b.texture else _load4(b, "4u * t")
         quads.append(f"fn {name}4(t: u32) -> vec4<f32> {{ return {body}; }}")
     per_lane = {"subgroup_args": "", "first_key": "lo", "end_key": "hi", "seen": "true", "lanes": (
         "    let z = lane % SPLITS;               // share of the keys (with subgroups, the lane in its subgroup)\n"
@@ -1349,9 +1356,7 @@ def _cache_head(ctx, node_id, node: Node, x: Node, k: int, head: str, quads: boo
     body = [f"    let src = token * {_row_width(x)}u + {a['at']}u + ({head}) * n;",
             f"    let dst = ((step.start + token) % {slots}u) * {heads * d}u + ({head}) * n;"]
     if a["norm"] is not None:
-        body.append(_row_rms("load_x", a["eps"]).replace("base + j", "src + j") if not quads else f"""    var ss = 0.0;
-    for (var q = li; q < n / 4u; q = q + WG) {{ let v = quad_x(src / 4u + q); ss = ss + dot(v, v); }}
-    let r = 1.0 / sqrt(reduce_sum(ss, li) / f32(n) + {lit(a["eps"])});""")
+        body.append(_row_rms("x", a["eps"], "src", quads))
     weighted = ctx.value(node.inputs[3], w) if a["norm"] == "weighted" else None
     if weighted:
         bindings.append(weighted)
@@ -1360,10 +1365,8 @@ def _cache_head(ctx, node_id, node: Node, x: Node, k: int, head: str, quads: boo
         """Element j of the head after its norm (with quads: elements j..j+3)."""
         if not quads:
             return f"load_x(src + {j})" + " * r" * (a["norm"] is not None) + f" * load_{w}({j})" * bool(weighted)
-        scale = (f"load4_{w}({j})" if weighted.dtype == "bf16" else
-                 f"vec4<f32>(load_{w}({j}), load_{w}({j} + 1u), load_{w}({j} + 2u), load_{w}({j} + 3u))") \
-            if weighted else ""
-        return f"quad_x((src + {j}) / 4u)" + " * r" * (a["norm"] is not None) + f" * {scale}" * bool(weighted)
+        scale = f" * {_load4(weighted, j)}" if weighted else ""
+        return f"quad_x((src + {j}) / 4u)" + " * r" * (a["norm"] is not None) + scale
 
     value = elem("j")
     if a["rope"] is not None:
