@@ -18,20 +18,23 @@ from .kernels import TEXEL_ROW, render
 WG = 256
 TARGET_S = 0.05              # the least time a timed batch of dispatches runs: timer and submit noise stay small
 
-# name -> (element, scalar, combine, index of read r, reads per loop trip, read through a texture)
+# name -> (element, scalar, combine, index of read r, reads per loop trip, read through a texture: no, or
+# as a sampled or a read-only storage texture)
 READ_PATTERNS = {
     # lane i reads element r * invocations + i: adjacent lanes on adjacent elements (coalesced on a GPU)
-    "strided-vec4f32": ("vec4<f32>", "f32", "+", "r * invocations + invocation", 1, False),
+    "strided-vec4f32": ("vec4<f32>", "f32", "+", "r * invocations + invocation", 1, None),
     # each invocation reads its own contiguous run
-    "contiguous-vec4f32": ("vec4<f32>", "f32", "+", "invocation * PER + r", 1, False),
+    "contiguous-vec4f32": ("vec4<f32>", "f32", "+", "invocation * PER + r", 1, None),
     # the strided pattern through integer loads (no float unpacking or adds on the way)
-    "strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1, False),
+    "strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1, None),
     # a workgroup reads one contiguous block, its lanes adjacent: one long run per CPU core on lavapipe
-    "block-vec4f32": ("vec4<f32>", "f32", "+", "(group * PER + r) * WG + lane", 4, False),
-    "block-vec4u32": ("vec4<u32>", "u32", "^", "(group * PER + r) * WG + lane", 4, False),
+    "block-vec4f32": ("vec4<f32>", "f32", "+", "(group * PER + r) * WG + lane", 4, None),
+    "block-vec4u32": ("vec4<u32>", "u32", "^", "(group * PER + r) * WG + lane", 4, None),
     # texels (16 bytes) of a texture holding the same bytes, as kernels read weights on a CPU device
-    "texture-strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1, True),
-    "texture-contiguous-vec4u32": ("vec4<u32>", "u32", "^", "invocation * PER + r", 1, True),
+    "texture-strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1, "sampled"),
+    "texture-contiguous-vec4u32": ("vec4<u32>", "u32", "^", "invocation * PER + r", 1, "sampled"),
+    "storage-texture-strided-vec4u32": ("vec4<u32>", "u32", "^", "r * invocations + invocation", 1, "storage"),
+    "storage-texture-contiguous-vec4u32": ("vec4<u32>", "u32", "^", "invocation * PER + r", 1, "storage"),
 }
 FMA_CHAINS = (8, 16, 32)     # independent vec4 chains per invocation (the ILP variants)
 
@@ -112,7 +115,8 @@ def stream_read(device: Device | None = None, nbytes: int = 256 << 20) -> dict[s
     if any(pattern[-1] for pattern in READ_PATTERNS.values()):
         texture = gpu.create_texture(size=(TEXEL_ROW, nbytes // (16 * TEXEL_ROW), 1),
                                      format=wgpu.TextureFormat.rgba32uint,
-                                     usage=wgpu.TextureUsage.TEXTURE_BINDING | wgpu.TextureUsage.COPY_DST)
+                                     usage=wgpu.TextureUsage.TEXTURE_BINDING | wgpu.TextureUsage.STORAGE_BINDING |
+                                     wgpu.TextureUsage.COPY_DST)
         enc = gpu.create_command_encoder()
         enc.copy_buffer_to_texture({"buffer": data, "offset": 0, "bytes_per_row": 16 * TEXEL_ROW,
                                     "rows_per_image": texture.size[1]}, {"texture": texture}, texture.size)
@@ -123,9 +127,11 @@ def stream_read(device: Device | None = None, nbytes: int = 256 << 20) -> dict[s
         body = "\n".join(f"        a{j} = a{j} {op} load(index(r + {j}u, gid.x, lane, wid.x, invocations));"
                          for j in range(unroll))
         if textured:
-            source = ("@group(0) @binding(0) var data: texture_2d<u32>;\n"
+            kind, level = ("texture_2d<u32>", ", 0") if textured == "sampled" else \
+                ("texture_storage_2d<rgba32uint, read>", "")
+            source = (f"@group(0) @binding(0) var data: {kind};\n"
                       f"fn load(i: u32) -> vec4<u32> {{ return textureLoad(data, vec2<u32>(i % {TEXEL_ROW}u, "
-                      f"i / {TEXEL_ROW}u), 0); }}")
+                      f"i / {TEXEL_ROW}u){level}); }}")
         else:
             source = (f"@group(0) @binding(0) var<storage, read> data: array<{elem}>;\n"
                       f"fn load(i: u32) -> {elem} {{ return data[i]; }}")

@@ -165,15 +165,14 @@ class WgpuRunner:
     def textures(self) -> bool:
         return self.dev.textures
 
-    def _new_texture(self, nbytes: int, storage: bool = False):
-        """A texture of at least `nbytes` bytes laid out as kernels.TEXEL_ROW texels to a row; `storage`:
-        kernels may write it."""
+    def _new_texture(self, nbytes: int):
+        """A texture of at least `nbytes` bytes laid out as kernels.TEXEL_ROW texels to a row, bound as a storage
+        texture (kernels read it read-only, or write it write-only)."""
         texels = padded(nbytes) // TEXEL
         u = self.wgpu.TextureUsage
         return self.gpu.create_texture(size=(min(texels, TEXEL_ROW), -(-texels // TEXEL_ROW), 1),
                                        format=self.wgpu.TextureFormat.rgba32uint,
-                                       usage=u.TEXTURE_BINDING | u.COPY_DST | u.COPY_SRC |
-                                       (u.STORAGE_BINDING if storage else 0))
+                                       usage=u.STORAGE_BINDING | u.COPY_DST | u.COPY_SRC)
 
     def _copy_to_texture(self, enc, buf, texture, begin: int, end: int):
         """Bytes [begin, end) of `buf` to the same bytes of `texture` (16-byte aligned): the rest of the
@@ -333,9 +332,8 @@ class WgpuRunner:
             for slot, b in enumerate(kernel.bindings, start=1):
                 if b.texture:
                     entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE,
-                                    **({"storage_texture": {"access": "write-only", "format": "rgba32uint",
-                                                            "view_dimension": "2d"}} if b.write else
-                                       {"texture": {"sample_type": "uint", "view_dimension": "2d"}})})
+                                    "storage_texture": {"access": "write-only" if b.write else "read-only",
+                                                        "format": "rgba32uint", "view_dimension": "2d"}})
                     continue
                 kind = "storage" if b.write else "read-only-storage"
                 entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}})
@@ -399,7 +397,7 @@ class WgpuRunner:
         if not texture:
             return self.states[name]
         if name not in self.state_textures:
-            self.state_textures[name] = self._new_texture(self.states[name].size, storage=True)
+            self.state_textures[name] = self._new_texture(self.states[name].size)
         return self.state_textures[name]
 
     def write_state(self, name: str, data: np.ndarray):
