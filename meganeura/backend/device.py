@@ -16,7 +16,8 @@ OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "immediates")
 PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
           "max-compute-invocations-per-workgroup", "max-compute-workgroups-per-dimension",
-          "max-storage-buffers-per-shader-stage", "min-storage-buffer-offset-alignment")
+          "max-storage-buffers-per-shader-stage", "max-storage-textures-per-shader-stage",
+          "min-storage-buffer-offset-alignment")
 
 
 class DeviceError(RuntimeError):
