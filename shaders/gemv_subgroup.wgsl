@@ -9,6 +9,8 @@
 // flight. Subgroups are consecutive runs of L local invocations.
 // A step of one token may still hold several rows (x [S, 2, K]): they take turns.
 // A norm prologue is folded in as in stream.wgsl: 1/rms from the token's sum of squares scales the sums.
+// So may the add_norm the token comes from (Gemma's residual stream): the token is h + rms_norm(y) * w,
+// made in registers from h and y, and the first subgroup stores it for the add_norm's later readers.
 ${bindings}
 
 struct Pack { lo: vec4<f32>, hi: vec4<f32>, s: f32 }

@@ -261,6 +261,45 @@ def test_decode_product_rows_in_pairs(n, k, lead):
         check(g, out, feed, params, rtol=1e-4)
 
 
+@pytest.mark.parametrize("s", [1, 3])
+@settings(max_examples=6, deadline=None)
+@given(k=st.sampled_from([8, 64, 200, 1024]), weighted=st.booleans(), scaled=st.booleans(),
+       act=st.sampled_from([None, "gelu_tanh"]), dtype=st.sampled_from(["f32", "bf16", "q8", "q4"]))
+def test_add_norm_computed_in_the_next_products_prologue(s, k, weighted, scaled, act, dtype):
+    """Gemma's residual stream: h2 = h + rms_norm(y) read by a normed product and then by the next add_norm.
+    On a CPU device a one-token step computes h2 in the product's prologue (no add_norm dispatch) and the
+    product stores it for the later reader; a longer step dispatches the add_norm."""
+    g = mn.Graph()
+    h, y = g.input("h", (S, k)), g.input("y", (S, k))
+    w = g.parameter("w", (k,)) if weighted else None
+    c = g.parameter("c", (1,)) if scaled else None
+    h2 = g.add_norm(h, y, w, 1e-6, c)
+    rows = 2 * k if act else k
+    product = g.fused_linear(h2, g.parameter("p", (rows, k)), norm="weighted", norm_w=g.parameter("nw", (k,)),
+                             eps=1e-5, act=act)
+    out = g.add_norm(h2, product, None, 1e-6)
+    g.set_outputs({"y": out})
+    quantized = dtype in ("q8", "q4")
+    params = {"p": (rand(rows, k, seed=1) / np.sqrt(k), "f32" if quantized else dtype),
+              "nw": (1 + rand(k, seed=2) / 4, "bf16"),
+              **({"w": (rand(k, seed=3), "bf16")} if weighted else {}),
+              **({"c": (np.array([0.7], np.float32), "bf16")} if scaled else {})}
+    feed = {"h": rand(s, k), "y": 3 * rand(s, k, seed=4)}
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", "cpu")
+        path = os.path.join(d, "w.safetensors")
+        write_safetensors(path, params)
+        weights = mn.open_weights(path)
+        quantize = dtype if quantized else None
+        program = mn.compile(g, backend="wgpu", optimize=False, quantize=quantize)
+        gpu = program.run(feed, weights)
+        ref = mn.compile(g, backend="numpy", optimize=False, quantize=quantize).run(feed, weights)
+        labels = [k.label for _, _, k in program._runner.dispatches if k.runs_for(s)]
+    np.testing.assert_allclose(gpu["y"], ref["y"], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref["y"]).max())))
+    folded = s == 1 and os.environ.get("MEGANEURA_DISABLE") is None
+    assert labels.count("add_norm") == (1 if folded else 2)
+
+
 @settings(max_examples=12, deadline=None)
 @given(s=st.integers(1, 150), k=st.integers(1, 80), n=st.integers(1, 150), lead=st.sampled_from([(), (2,)]),
        norm=st.sampled_from([None, "weighted", "unit"]), act=st.sampled_from([None, "silu", "gelu_tanh"]),

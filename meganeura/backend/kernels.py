@@ -511,16 +511,47 @@ def _rms_norm(ctx, node_id, node: Node) -> list[Kernel]:
 
 def _add_norm(ctx, node_id, node: Node) -> list[Kernel]:
     a = node.attrs
-    extra = list(node.inputs[2:])
-    params = [ctx.value(extra.pop(0), "w")] if a["weighted"] else []
-    if a["scaled"]:
-        params.append(ctx.value(extra.pop(0), "s"))
+    h, y, params = _add_norm_bindings(ctx, node)
 
     def value(load, w):
         y = f"{load('h')} + {load('y')} * r" + f" * {w}" * a["weighted"]
         return f"({y}) * load_s(0u)" if a["scaled"] else y
-    return _norm_rows(ctx, node_id, node, "add_norm", [ctx.value(node.inputs[0], "h"), ctx.value(node.inputs[1], "y")],
-                      params, "y", value)
+    kernels = _norm_rows(ctx, node_id, node, "add_norm", [h, y], params, "y", value)
+    if _add_norm_reader(ctx, node_id) is not None:     # a one-token step's is its reader's prologue
+        kernels = [replace(k, tokens=(2, math.inf)) for k in kernels]
+    return kernels
+
+
+def _add_norm_bindings(ctx, node: Node) -> tuple[Binding, Binding, list[Binding]]:
+    """An add_norm's bindings: h, y, and its parameters (the norm weight w, the scale s, where it has them)."""
+    extra = list(node.inputs[2:])
+    params = [ctx.value(extra.pop(0), "w")] if node.attrs["weighted"] else []
+    if node.attrs["scaled"]:
+        params.append(ctx.value(extra.pop(0), "s"))
+    return ctx.value(node.inputs[0], "h"), ctx.value(node.inputs[1], "y"), params
+
+
+def _add_norm_reader(ctx, node_id: int) -> int | None:
+    """The linear that computes add_norm `node_id` in the prologue of its one-token product, or None.
+
+    On a CPU device a one-token add_norm is a few microseconds of work behind a dispatch's fixed 20-35 us,
+    and the product that first reads it loads the whole row anyway: `_gemv_kernel` adds the normed row to
+    the residual in registers and its first subgroup stores the sum for the later readers (Gemma's two
+    add_norms a layer: 16 of a gemma4-34m decode step's 69 dispatches)."""
+    g = ctx.graph
+    node = g[node_id]
+    if ctx.layout != "cpu" or ctx.subgroup_size == 0 or len(node.shape) != 2 or node.shape[0] != S:
+        return None
+    first = next((i for i in range(node_id + 1, len(g.nodes)) if node_id in g[i].inputs), None)
+    reader = g[first] if first is not None else None
+    k = node.shape[1]
+    if reader is None or reader.op != "linear" or reader.inputs[0] != node_id or node_id in reader.inputs[1:]:
+        return None
+    w = g[reader.inputs[1]]
+    if (k % 8 or not _gemv_fits(ctx, k) or w.op != "parameter"
+            or ctx.param_dtype(w.attrs["name"]) not in ("f32", "bf16", "f16", *QUANTIZED)):
+        return None
+    return first
 
 
 def _softmax(ctx, node_id, node: Node) -> list[Kernel]:
@@ -733,14 +764,24 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
     # The activations and the norm weight (streamed with them) are read in packs too.
     shared = [replace(shared[0], packs=True, texture=ctx.textures),
               *(replace(b, packs=True) if b.name == "nw" else b for b in shared[1:])]
+    x_id = shared[0].ref.key
+    folded = ctx.graph[x_id].op == "add_norm" and _add_norm_reader(ctx, x_id) == node_id
     for i, (r0, r1) in enumerate(windows):
         n = (r1 - r0) // 2 if act else r1 - r0
         bindings = [shared[0], replace(w_binding(i), packs=True), *shared[1:], out]
         for tokens, rows, token_block in variants:
             if tokens == (1, 1) and _gemv_fits(ctx, k):
-                kernel = _gemv_kernel(ctx, label, [replace(shared[0], texture=False), *bindings[1:]], parts, x, k,
+                prologue = [replace(shared[0], texture=False)]
+                if folded:      # x is computed from the add_norm's inputs; the first window stores it
+                    h, y, params = _add_norm_bindings(ctx, ctx.graph[x_id])
+                    prologue = [replace(h, packs=True), *(replace(b, packs=b.name != "s", name=f"add_{b.name}")
+                                                          for b in [y] + params)]
+                    if i == 0:
+                        prologue.append(Binding("add_out", Ref("node", x_id), "f32", write=True, quads=True))
+                kernel = _gemv_kernel(ctx, label, [prologue[0], *bindings[1:], *prologue[1:]], parts, x, k,
                                       n, r0, epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
-                                      weighted=norm_w is not None)
+                                      weighted=norm_w is not None,
+                                      add_norm=ctx.graph[x_id].attrs if folded else None)
             else:
                 kernel = _stream_kernel(ctx, label, bindings, parts, x, k, n, r0, tokens, rows, token_block,
                                         epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
@@ -770,8 +811,11 @@ def _gemv_fits(ctx, k: int) -> bool:
 
 
 def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int, epilogue: list[str],
-                 out_stride: int, *, gated: bool, norm, eps: float, weighted: bool) -> Kernel:
-    """The one-token variant of a streamed product on a CPU device with subgroups (gemv_subgroup.wgsl)."""
+                 out_stride: int, *, gated: bool, norm, eps: float, weighted: bool, add_norm: dict | None = None
+                 ) -> Kernel:
+    """The one-token variant of a streamed product on a CPU device with subgroups (gemv_subgroup.wgsl).
+    With `add_norm` (its attrs) the token is that of an add_norm (`_add_norm_reader`), computed from the
+    bindings h, add_y, add_w, add_s here, and stored to add_out where that is bound."""
     lanes, packs, w = ctx.subgroup_size, k // 8, bindings[1]
     # A lane's step: a pack, or a whole texel of a quantized weight in a texture (2 q8 or 4 q4 packs under
     # one scale), so that no lane picks its words out of a texel by a lane-varying index (a scalar loop).
@@ -789,21 +833,51 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
     rows = -(-n // subgroups)
     load_x, body = [], []
     places = per == 4
+    side = any(b.name == "add_out" for b in bindings)
     if places:
         parts = [*parts, Q4_PLACES]
     if per > 1 and w.group == k:            # q8's one scale a row
         body.append("            let s_row = scale_w(n);" + " let s_up = scale_w(n + N);" * (gated or paired))
-    for c in range(shares):
+
+    def packs_of(c: int):
+        """(inside, [(pack index, name)]) of a lane's c-th share: `inside` the condition it is in the row."""
         t = f"{c * lanes}u + lane"
         inside = f"{t} < STEPS" if (c + 1) * lanes > steps else ""
         at = f"min({t}, STEPS - 1u)" if inside else t
+        return inside, [(f"{per}u * ({at}) + {j}u" if per > 1 else at, f"x{c}_{j}") for j in range(per)]
+
+    def loaded(pack: str, inside: str) -> str:
+        return f"masked({pack}, {inside})" if inside else pack
+
+    if add_norm is not None:
+        # h + rms_norm(y) * w (times s): y's sum of squares first, over the whole row.
+        load_x.append("        var ss_add = 0.0;")
+        for c in range(shares):
+            inside, share = packs_of(c)
+            for p, xc in share:
+                load_x.append(f"        let add{xc} = {loaded(f'pack_add_y(m * PACKS + {p})', inside)};")
+                load_x.append(f"        ss_add = ss_add + dot(add{xc}.lo, add{xc}.lo) + dot(add{xc}.hi, add{xc}.hi);")
+        load_x.append(f"        let r_add = 1.0 / sqrt(subgroupAdd(ss_add) / f32(K) + {lit(add_norm['eps'])});")
+    for c in range(shares):
+        t = f"{c * lanes}u + lane"
+        inside, share = packs_of(c)
         xs = []
-        for j in range(per):
-            p = f"{per}u * ({at}) + {j}u" if per > 1 else at
-            xc = f"x{c}_{j}"
+        for p, xc in share:
             xs.append(xc)
-            raw = f"pack_a(m * PACKS + {p})"
-            load_x.append(f"        let raw{xc} = {f'masked({raw}, {inside})' if inside else raw};")
+            if add_norm is None:
+                load_x.append(f"        let raw{xc} = {loaded(f'pack_a(m * PACKS + {p})', inside)};")
+            else:
+                load_x.append(f"        let h{xc} = {loaded(f'pack_h(m * PACKS + {p})', inside)};")
+                lo, hi = (f"h{xc}.{half} + add{xc}.{half} * r_add" + f" * aw{xc}.{half}" * add_norm["weighted"]
+                          for half in ("lo", "hi"))
+                if add_norm["weighted"]:
+                    load_x.append(f"        let aw{xc} = pack_add_w({p});")
+                s = " * load_add_s(0u)" if add_norm["scaled"] else ""
+                load_x.append(f"        let raw{xc} = Pack(({lo}){s}, ({hi}){s}, 1.0);")
+                if side:    # the first subgroup stores the row for add_norm's other readers
+                    guard = f"first == 0u" + f" && {inside}" * bool(inside)
+                    load_x.append(f"        if ({guard}) {{ add_out[(m * K) / 4u + 2u * ({p})] = raw{xc}.lo; "
+                                  f"add_out[(m * K) / 4u + 2u * ({p}) + 1u] = raw{xc}.hi; }}")
             if norm is not None:
                 load_x.append(f"        ss = ss + dot(raw{xc}.lo, raw{xc}.lo) + dot(raw{xc}.hi, raw{xc}.hi);")
             if weighted:

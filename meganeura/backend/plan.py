@@ -3,7 +3,7 @@ and the row windows a weight is split into, one buffer each, so each fits one st
 
 Reshapes are views (they share their source's slot); a cache write's value is its state, which lives
 outside the arena (states persist across steps). A slot is reused by a later value once every
-reader of its current value has been dispatched; graph outputs and inputs keep their slots. Per-op
+reader of its current value (every node with a kernel that binds it) has been dispatched; graph outputs and inputs keep their slots. Per-op
 scratch lives only during its op, sized for the largest step its kernels run for.
 """
 from __future__ import annotations
@@ -63,10 +63,15 @@ class ArenaPlan:
 
 def plan_arena(graph: Graph, kernels: dict[int, list[Kernel]], capacity: int) -> ArenaPlan:
     plan = ArenaPlan(capacity)
+    # What each node's kernels read: its inputs, and any value they bind besides (a product computing the
+    # add_norm before it in its prologue reads that one's inputs).
+    reads = [{base_of(graph, j) for j in node.inputs} |
+             {base_of(graph, b.ref.key) for k in kernels.get(i, []) for b in k.bindings if b.ref.kind == "node"}
+             - {i} for i, node in enumerate(graph.nodes)]
     last_use: dict[int, int] = {}
-    for i, node in enumerate(graph.nodes):
-        for j in node.inputs:
-            last_use[base_of(graph, j)] = i
+    for i, values in enumerate(reads):
+        for j in values:
+            last_use[j] = i
     pinned = {base_of(graph, o) for o in graph.outputs}
     pinned |= {i for i, n in enumerate(graph.nodes) if n.op == "input" and n.shape != ()}
     free: list[int] = []
@@ -89,7 +94,7 @@ def plan_arena(graph: Graph, kernels: dict[int, list[Kernel]], capacity: int) ->
                 tokens = min(capacity, max(most for _, most in users))
                 plan.scratch_slot[i] = take(padded(users[0][0].window * tokens))
                 free.append(plan.scratch_slot[i])
-        for j in {base_of(graph, j) for j in node.inputs}:
+        for j in reads[i]:
             if last_use.get(j) == i and j in plan.value_slot and j not in pinned:
                 free.append(plan.value_slot[j])
     return plan
