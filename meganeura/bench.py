@@ -16,8 +16,9 @@ from .hub import resolve
 from .model import load_model
 from .roofline import decode_bytes, step_flops
 
-ROUNDS = 3                   # each timed sequence runs this often (at least 2: the first prompt is cold);
+ROUNDS = 6                   # each timed sequence runs this often (at least 2: the first prompt is cold);
                              # the fastest run counts, as other work on the machine only ever slows one
+                             # (the ceilings keep the best of 6-9 timings of each variant: as many tries)
 
 
 def _random_checkpoint(config_path: str, dest: str, seed: int = 0) -> None:
