@@ -549,7 +549,7 @@ def _add_norm_reader(ctx, node_id: int) -> int | None:
         return None
     w = g[reader.inputs[1]]
     if (k % 8 or not _gemv_fits(ctx, k) or w.op != "parameter"
-            or ctx.param_dtype(w.attrs["name"]) not in ("f32", "bf16", "f16", *QUANTIZED)):
+            or ctx.param_dtype(w.attrs["name"]) not in STREAMED_DTYPES):
         return None
     return first
 
@@ -742,6 +742,7 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
 STREAMED = {"cpu": [((1, 1), 6, 1), ((2, 15), 4, 8), ((16, math.inf), 4, 32)],
             "gpu": [((1, 1), 2, 1), ((2, 8), 2, 4)]}
 STREAM_WG = 64
+STREAMED_DTYPES = ("f32", "bf16", "f16", *QUANTIZED)    # weights the streamed variants read
 
 
 def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w_binding, shared: list[Binding],
@@ -749,7 +750,7 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
                    ) -> list[Kernel]:
     """The tiled kernels restricted to the step sizes no streamed variant covers, plus the streamed ones."""
     variants = STREAMED[ctx.layout]
-    if any(w_binding(i).dtype not in ("f32", "bf16", "f16", *QUANTIZED) for i in range(len(windows))):
+    if any(w_binding(i).dtype not in STREAMED_DTYPES for i in range(len(windows))):
         return tiled
     k = x.shape[-1]
     fixed = None if S in x.shape else math.prod(x.shape) // k
@@ -840,11 +841,12 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
         body.append("            let s_row = scale_w(n);" + " let s_up = scale_w(n + N);" * (gated or paired))
 
     def packs_of(c: int):
-        """(inside, [(pack index, name)]) of a lane's c-th share: `inside` the condition it is in the row."""
+        """(t, inside, [(pack index, name)]) of a lane's c-th share: its step t along a row, and `inside` the
+        condition that t is in the row."""
         t = f"{c * lanes}u + lane"
         inside = f"{t} < STEPS" if (c + 1) * lanes > steps else ""
         at = f"min({t}, STEPS - 1u)" if inside else t
-        return inside, [(f"{per}u * ({at}) + {j}u" if per > 1 else at, f"x{c}_{j}") for j in range(per)]
+        return t, inside, [(f"{per}u * ({at}) + {j}u" if per > 1 else at, f"x{c}_{j}") for j in range(per)]
 
     def loaded(pack: str, inside: str) -> str:
         return f"masked({pack}, {inside})" if inside else pack
@@ -853,14 +855,13 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
         # h + rms_norm(y) * w (times s): y's sum of squares first, over the whole row.
         load_x.append("        var ss_add = 0.0;")
         for c in range(shares):
-            inside, share = packs_of(c)
+            _, inside, share = packs_of(c)
             for p, xc in share:
                 load_x.append(f"        let add{xc} = {loaded(f'pack_add_y(m * PACKS + {p})', inside)};")
                 load_x.append(f"        ss_add = ss_add + dot(add{xc}.lo, add{xc}.lo) + dot(add{xc}.hi, add{xc}.hi);")
         load_x.append(f"        let r_add = 1.0 / sqrt(subgroupAdd(ss_add) / f32(K) + {lit(add_norm['eps'])});")
     for c in range(shares):
-        t = f"{c * lanes}u + lane"
-        inside, share = packs_of(c)
+        t, inside, share = packs_of(c)
         xs = []
         for p, xc in share:
             xs.append(xc)
