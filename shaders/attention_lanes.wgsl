@@ -67,5 +67,6 @@ ${score}
         ${v_rms}
 ${accumulate}
     }
+${fresh}
 ${epilogue}
 }

@@ -189,6 +189,34 @@ def test_split_kv_decode_equals_the_reference(case, hf_checkpoint, monkeypatch):
         assert err <= 1e-4, f"{case}: split-KV decode at position {sessions[1].pos}, relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("case", ["gemma4_text_all", "qwen3"])
+@pytest.mark.parametrize("layout, keys_per_split, disable", [
+    ("cpu", 256, ""), ("cpu", 3, ""), ("gpu", 256, ""), ("cpu", 256, "texture-adapter-specific-format-features")])
+def test_one_token_attention_writes_the_cache_itself(case, layout, keys_per_split, disable, hf_checkpoint,
+                                                    monkeypatch):
+    """A one-token step's attention makes the step's key and value itself and stores them in the caches
+    (`kernels._folded_cache_writes`): on both layouts, over whole and split keys (3 keys a split), with
+    normed and rotated keys, unit-normed values and sliding rings that wrap. Every step's logits equal the
+    reference's. Without read-write textures a CPU device keeps every cache_write dispatch."""
+    from meganeura.backend import kernels
+    monkeypatch.setenv("MEGANEURA_LAYOUT", layout)
+    monkeypatch.setenv("MEGANEURA_DISABLE", disable)
+    monkeypatch.setattr(kernels, "KEYS_PER_SPLIT", keys_per_split)
+    path, _ = no_eos(case, hf_checkpoint)
+    gpu = mn.load_model(path, context=40, chunk=4)
+    ref = mn.load_model(path, backend="numpy", context=40, chunk=4)
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1]
+    sessions = [gpu.session(), ref.session()]
+    tokens = prompt
+    for _ in range(16):
+        got, want = (s.feed(tokens, "logits") for s in sessions)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-4, f"{case}: decode at position {sessions[1].pos}, relative error {err:.2e}"
+        tokens = [int(np.argmax(want))]
+    writes = lambda n: [k.label for _, _, k in gpu.decoder._runner.dispatches if k.runs_for(n)].count("cache_write")
+    assert (writes(1) == writes(4)) == bool(disable) and writes(4) > 0
+
+
 def test_default_context_is_the_model_limit_capped_by_memory(hf_checkpoint):
     path, _ = hf_checkpoint("llama32")           # max_position_embeddings 131072
     model = mn.load_model(path)

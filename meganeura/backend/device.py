@@ -12,7 +12,8 @@ import numpy as np
 
 from .polling import pollers
 
-OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "immediates")
+OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "immediates",
+                     "texture-adapter-specific-format-features")
 PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
           "max-compute-invocations-per-workgroup", "max-compute-workgroups-per-dimension",
@@ -44,6 +45,12 @@ class Device:
     @property
     def has_subgroups(self) -> bool:
         return "subgroup" in self.features
+
+    @property
+    def read_write_textures(self) -> bool:
+        """rgba32uint storage textures may be read and written in one binding (as the adapter's formats
+        allow, where WebGPU alone allows only write-only or read-only)."""
+        return "texture-adapter-specific-format-features" in self.features
 
     @property
     def subgroup_size(self) -> int:
@@ -147,7 +154,7 @@ def open_device(choice: str | None = None, max_binding: int | None = None,
             names = ", ".join(a.info.get("device", "?") for a in adapters)
             raise DeviceError(f"no adapter matches {choice!r}; available: {names}")
         adapter = matches[0]
-    features = [f for f in ("shader-f16", "subgroup", "timestamp-query")
+    features = [f for f in ("shader-f16", "subgroup", "timestamp-query", "texture-adapter-specific-format-features")
                 if f in adapter.features and f not in disable]
     limits = {k: adapter.limits[k] for k in LIMITS if k.startswith("max-") and k in adapter.limits}
     dev = adapter.request_device_sync(required_features=features, required_limits=limits)

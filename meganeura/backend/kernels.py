@@ -42,6 +42,7 @@ class Binding:
     scales_at: int = 0    # q8/q4: the word where the scale plane begins
     texture: bool = False  # read through a texture (see TEXEL_ROW) rather than a storage buffer
     quads: bool = False   # f32 held as vec4s: `quad_<name>(q)` reads elements 4q..4q+3, a write stores a vec4
+    reads: bool = False   # a write binding the kernel reads too: read_write, with a read binding's accessors
 
 
 @dataclass
@@ -122,14 +123,14 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
         if b.quads:
             # One 16-byte access where lavapipe would take four, each a loop over the SIMD lanes.
             out.append(f"@group(0) @binding({slot}) var<storage, {access}> {b.name}: array<vec4<f32>>;")
-            if not b.write:
+            if not b.write or b.reads:
                 out += [f"fn quad_{b.name}(at: u32) -> vec4<f32> {{ return {b.name}[at]; }}",
                         f"fn load_{b.name}(i: u32) -> f32 {{ return {b.name}[i >> 2u][i & 3u]; }}"]
             continue
         elem = {"f32": "f32", "u32": "u32", "i32": "i32", "bf16": "u32",
                 "f16": "f16" if has_f16 else "u32"}[b.dtype]
         out.append(f"@group(0) @binding({slot}) var<storage, {access}> {b.name}: array<{elem}>;")
-        if b.write:
+        if b.write and not b.reads:
             continue
         body = {
             "f32": f"return {b.name}[i];",
@@ -157,14 +158,16 @@ TEXEL_ROW = 4096
 
 def _declare_texture(slot: int, b: Binding) -> list[str]:
     """A read-only storage texture, `texel_<name>(t)` and `word_<name>(j)` (u32 word j), and the accessors a
-    storage binding of the same dtype has, read through them; or a write-only one and `store_<name>(t, v)`."""
+    storage binding of the same dtype has, read through them; or a write-only one and `store_<name>(t, v)`;
+    or (`reads`) a read_write one with both."""
     name, shift = b.name, TEXEL_ROW.bit_length() - 1
-    if b.write:
-        return [f"@group(0) @binding({slot}) var {name}: texture_storage_2d<rgba32uint, write>;",
-                f"fn store_{name}(t: u32, v: vec4<u32>) {{ textureStore({name}, vec2<u32>(t & {TEXEL_ROW - 1}u, "
-                f"t >> {shift}u), v); }}"]
+    store = (f"fn store_{name}(t: u32, value: vec4<u32>) {{ textureStore({name}, vec2<u32>(t & {TEXEL_ROW - 1}u, "
+             f"t >> {shift}u), value); }}")
+    if b.write and not b.reads:
+        return [f"@group(0) @binding({slot}) var {name}: texture_storage_2d<rgba32uint, write>;", store]
     texel, word = f"texel_{name}", f"word_{name}"
-    out = [f"@group(0) @binding({slot}) var {name}: texture_storage_2d<rgba32uint, read>;",
+    access = "read_write" if b.write else "read"
+    out = [f"@group(0) @binding({slot}) var {name}: texture_storage_2d<rgba32uint, {access}>;", *[store] * b.write,
            f"fn {texel}(t: u32) -> vec4<u32> {{ return textureLoad({name}, vec2<u32>(t & {TEXEL_ROW - 1}u, "
            f"t >> {shift}u)); }}",
            f"fn {word}(j: u32) -> u32 {{ return {texel}(j >> 2u)[j & 3u]; }}"]
@@ -278,6 +281,7 @@ class Context:
     textures: bool = False                               # weights, and activations streamed, in textures
     subgroup_size: int = 0                               # 0 without subgroups
     max_workgroup: int = 256                             # invocations a workgroup may have (WebGPU's default)
+    read_write_textures: bool = False                    # Device.read_write_textures
 
     def weight(self, name: str, pname: str, window: int = 0) -> Binding:
         """Binding `name` for window `window` of parameter `pname`."""
@@ -470,6 +474,8 @@ def _load4(b: Binding, i: str) -> str:
     """Elements i..i+3 (4 | i) of read binding `b` as a vec4<f32>: one fetch for bf16 (`load4_`), else four."""
     if b.dtype == "bf16":
         return f"load4_{b.name}({i})"
+    if b.quads:
+        return f"quad_{b.name}(({i}) / 4u)"
     return "vec4<f32>(" + ", ".join(f"load_{b.name}({i}{f' + {c}u' * bool(c)})" for c in range(4)) + ")"
 
 
@@ -1144,12 +1150,11 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
                 slot=f"j % {k.shape[0]}u" if cached else "j", group=nh // nkv, q_row=_row_width(q),
                 k_row=_row_width(k), v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"],
                 scale=lit(a["scale"]), key_bounds=_key_bounds(a["window"]), softcap=softcap)
-    splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if cached else 1
-    lane_layout = d % 4 == 0 and all(x % 4 == 0 for x in (_row_width(k), _row_width(v), a["k_at"], a["v_at"]))
+    lane_layout, splits = _lane_plan(ctx, a, k, v)
+    fold = _folded_cache_writes(ctx, node_id)
     if ctx.layout == "cpu" and lane_layout:
-        # A CPU has few lanes: enough splits to give each a query head's share, and each more keys.
-        splits = min(splits, -(-CPU_LANES // nh))
-        return _attend_lanes(ctx, node_id, label, bindings, a, splits, subs)
+        return _with_fold(_attend_lanes(ctx, node_id, label, bindings, a, splits, subs),
+                          fold and _attend_lanes(ctx, node_id, label, bindings, a, splits, subs, fold=fold))
     # attention.wgsl: q is staged in workgroup memory (q_raw), its norm reduced across the workgroup.
     q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
     if norms & 1:
@@ -1182,25 +1187,39 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     if cached and lane_layout and sub > 1 and GPU_LANES_WG % sub == 0:
         # A decode step's workgroup walks its keys in serial loops between barriers: latency. The lanes of a
         # subgroup split one query's keys instead and merge with subgroup operations, in one pass.
-        return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)),
-                *_attend_lanes(ctx, node_id, label, bindings, a, sub, subs, decode_only=True)]
+        return _with_fold([replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)),
+                           *_attend_lanes(ctx, node_id, label, bindings, a, sub, subs, decode_only=True)],
+                          fold and _attend_lanes(ctx, node_id, label, bindings, a, sub, subs, decode_only=True,
+                                                 fold=fold))
     if splits < 2:
         return [whole]
     return [replace(whole, tokens=(SPLIT_TOKENS + 1, math.inf)),
             *_split_attention(ctx, node_id, label, bindings, nh, d, splits, a["window"], subs)]
 
 
+def _with_fold(kernels: list[Kernel], folded: list[Kernel] | None) -> list[Kernel]:
+    """An attention's kernels, the one-token step left to `folded` (its kernel that writes the cache too)."""
+    if not folded:
+        return kernels
+    later = [replace(k, tokens=(max(2, k.tokens[0]), k.tokens[1])) for k in kernels]
+    return [k for k in later if k.tokens[0] <= k.tokens[1]] + [replace(k, tokens=(1, 1)) for k in folded]
+
+
 def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict,
-                  decode_only: bool = False) -> list[Kernel]:
+                  decode_only: bool = False, fold: tuple[int, int] | None = None) -> list[Kernel]:
     """attention_lanes.wgsl: the same attention (and split records) with a lane per (query, head, split).
     `decode_only`: just the kernel of steps of up to SPLIT_TOKENS tokens that splits one query's keys across
-    a subgroup (a GPU's decode attention; its caller checks that a subgroup fits GPU_LANES_WG)."""
+    a subgroup (a GPU's decode attention; its caller checks that a subgroup fits GPU_LANES_WG).
+    `fold` (`_folded_cache_writes`): just the kernel of one-token steps, which writes the cache too."""
     nh, d, norms = a["heads"], a["head_dim"], a["norms"]
     wg = GPU_LANES_WG if decode_only else LANES_WG
     # Statements over a head's quads are written out, not looped: a GPU then has every quad's loads in
     # flight at once (a loop waits on each load in turn) and keeps q and acc in registers.
     each_quad = lambda line, indent="        ": "\n".join(indent + line.replace("@c", f"{c}u")
                                                      for c in range(d // 4))
+    fresh, fresh_parts = "", []
+    if fold:
+        bindings, fresh_parts, fresh = _fresh_kv(ctx, fold, bindings, a, subs, each_quad)
     q_rms = ""
     if norms & 1:
         q_rms = ("var q_ss = 0.0;\n    for (var d = 0u; d < D; d = d + 1u) { let x = load_q(q_base + d); "
@@ -1236,7 +1255,10 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         "    let i = lane / (HEADS * SPLITS);     // query row\n"
         "    if (i >= S) { return; }"), "accumulate": each_quad(
         "acc[@c] = fma(v4(v_base / 4u + @c), vec4<f32>(p), acc[@c] * correction);")}
-    common = {**subs, **per_lane, "prelude": helpers(subs["prelude"], *quads), "heads": nh, "quads": d // 4,
+    if fold:
+        per_lane["end_key"] = "min(hi, qi)"      # the step's own key is `fresh`
+    common = {**subs, **per_lane, "prelude": helpers(subs["prelude"], *quads, *fresh_parts), "fresh": fresh,
+              "heads": nh, "quads": d // 4,
               "q_rms": q_rms, "q_elem": q_elem, "q_value": q_value, "k_elem": k_elem, "k_value": k_value,
               "score": "\n".join(score), "v_rms": v_rms, "load_q": each_quad(
                   "q[@c] = vec4<f32>(q_value(q_base, 4u * @c, rq, i), q_value(q_base, 4u * @c + 1u, rq, i), "
@@ -1261,10 +1283,12 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                              a["window"], "z", sub)})
         return replace(shared, tokens=(1, SPLIT_TOKENS))
 
-    if decode_only:
+    if decode_only or (fold and splits >= 2):
         return [subgroup_split()]
     whole = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)], lanes(nh), splits=1, wg=wg,
                     epilogue=stores("out", "(i * HEADS + h) * D", " / l_run"), **common)
+    if fold:
+        return [whole]
     longer = whole          # the kernel of steps of more than SPLIT_TOKENS
     if (sub > 1 and wg % sub == 0 and (d // 4) % sub == 0 and all(b.texture for b in bindings[1:3])
             and not (norms & 2 or rotate_k or norms & 4)):
@@ -1302,6 +1326,59 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                        **{**common, "key_bounds": split_bounds})
     return [replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
             _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
+
+
+def _fresh_kv(ctx, fold: tuple[int, int], bindings: list[Binding], a: dict, subs: dict, each_quad
+              ) -> tuple[list[Binding], list[str], str]:
+    """The folded cache writes of a one-token attention kernel (`_folded_cache_writes`): its bindings (the
+    caches now written too), helpers, and the lines after the key loop that attend to the step's own key
+    and value, made as `_cache_head` makes them, and store them."""
+    g = ctx.graph
+    kc, vc = g[fold[0]], g[fold[1]]
+    slots, kv_heads, d = kc.shape
+    bindings = list(bindings)
+    stores = []
+    for at, (name, cache_id) in enumerate((("k", fold[0]), ("v", fold[1])), start=1):
+        cache = replace(bindings[at], write=True, reads=True, quads=not bindings[at].texture)
+        bindings[at] = cache
+        if cache.texture:       # its buffer, beside the texture attention reads
+            bindings.append(Binding(f"{name}_cache", Ref("node", cache_id), "f32", write=True, quads=True))
+            stores.append(f"{name}_cache[at + @c] = {name}f[@c]; store_{name}(at + @c, bitcast<vec4<u32>>({name}f[@c]));")
+        else:
+            stores.append(f"{name}[at + @c] = {name}f[@c];")
+    parts, lines = [], []
+    for name, node in (("k", kc), ("v", vc)):
+        c = node.attrs
+        weight = f" * load_{name}_norm_w(d)" if c["norm"] == "weighted" else ""
+        if weight:
+            bindings.append(ctx.value(node.inputs[3], f"{name}_norm_w"))
+        elem = f"load_q(base + d) * r{weight}"
+        if c["rope"] is not None:       # the attention's own table (`_folded_cache_writes` checks they agree)
+            parts.append(f"fn fresh_{name}_elem(base: u32, d: u32, r: f32) -> f32 {{ return {elem}; }}")
+            elem = f"rotate(fresh_{name}_elem(base, d, r), fresh_{name}_elem(base, partner(d), r), row, d)"
+        parts.append(f"fn fresh_{name}(base: u32, d: u32, r: f32, row: u32) -> f32 {{ return {elem}; }}")
+        lines.append(f"        let {name}_at = i * {subs['q_row']}u + {c['at']}u + g * D;\n        var r{name} = 1.0;")
+        if c["norm"] is not None:
+            lines.append(f"        var {name}_ss = 0.0;\n        for (var d = 0u; d < D; d = d + 1u) "
+                         f"{{ let x = load_q({name}_at + d); {name}_ss = {name}_ss + x * x; }}\n"
+                         f"        r{name} = 1.0 / sqrt({name}_ss / f32(D) + {lit(c['eps'])});")
+        lines.append(f"        var {name}f: array<vec4<f32>, {d // 4}>;\n" + each_quad(
+            f"{name}f[@c] = vec4<f32>(" + ", ".join(f"fresh_{name}({name}_at, 4u * @c + {j}u, r{name}, i)"
+                                                   for j in range(4)) + ");"))
+    block = "\n".join([
+        "    // The step's own key and value, made from its row rather than read back from the cache this pass",
+        "    // writes; the lane of the share that holds the key attends to them, and for a kv head's first",
+        "    // query head stores them.",
+        "    if (lo <= qi && qi < hi) {", *lines,
+        "        var dot4 = vec4<f32>(0.0);", each_quad("dot4 = fma(q[@c], kf[@c], dot4);"),
+        f"        var s = (dot4.x + dot4.y + dot4.z + dot4.w) * {subs['scale']};", f"        {subs['softcap']}",
+        "        let m_new = max(m_run, s);\n        let correction = exp(m_run - m_new);",
+        "        let p = exp(s - m_new);\n        l_run = l_run * correction + p;\n        m_run = m_new;",
+        each_quad("acc[@c] = fma(vf[@c], vec4<f32>(p), acc[@c] * correction);"),
+        f"        if (h % {a['heads'] // kv_heads}u == 0u) {{",
+        f"            let at = ((step.start + i) % {slots}u * {kv_heads * d}u + g * D) / 4u;",
+        *(each_quad(line, "            ") for line in stores), "        }", "    }"])
+    return bindings, parts, block
 
 
 # Split-KV attention (flash-decoding) for steps of up to SPLIT_TOKENS tokens over a cache: each query's
@@ -1377,7 +1454,19 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
     the same head size) share one dispatch (`_cache_writes`). A head is read at column `at` of the token's
     row, RMS-normed, rotated and stored in slot (start + token) mod slots of its cache (bound as that node's
     output); the first node lowers them all."""
-    g = ctx.graph
+    group = _cache_group(ctx.graph, node_id)
+    if group[0] != node_id:
+        return []
+    kernel = _cache_writes(ctx, group)
+    reader = next((i for i in range(node_id + 1, len(ctx.graph)) if node_id in ctx.graph[i].inputs), None)
+    if reader is not None and sorted(_folded_cache_writes(ctx, reader) or ()) == group:
+        kernel = replace(kernel, tokens=(2, math.inf))      # a one-token step's are its attention's
+    return [kernel]
+
+
+def _cache_group(g: Graph, node_id: int) -> list[int]:
+    """The cache writes that share cache_write `node_id`'s dispatch."""
+    node = g[node_id]
     group = [i for i, n in enumerate(g.nodes) if n.op == "cache_write" and n.inputs[1:3] == node.inputs[1:3]
              and g[n.inputs[0]].shape[2] == g[node.inputs[0]].shape[2]]
     # Moved to the first write's place, a write must not pass a reader of its cache's old contents, and
@@ -1385,9 +1474,55 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
     group = [i for i in group if not any(g[i].inputs[0] in g[j].inputs for j in range(group[0] + 1, i))]
     if len({g[i].attrs["rope"] for i in group} - {None}) > 1:
         group = [node_id]
-    if group[0] != node_id:
-        return []
-    return [_cache_writes(ctx, group)]
+    return group
+
+
+def _folded_cache_writes(ctx, node_id: int) -> tuple[int, int] | None:
+    """The cache writes (of its keys, of its values) that fused_attention `node_id` makes itself in a
+    one-token step, or None.
+
+    A one-token cache write is a few microseconds of work behind a dispatch's fixed 25-40 us (8 of a
+    34M-parameter decode step's 52 dispatches). Its attention has the lanes to do it: each lane computes the
+    step's own key and value from the row they come from (the row its query comes from) instead of reading
+    them back, and one lane per kv head stores them. No lane reads the slot they go to: it held a position
+    the query no longer sees (see models/cache.py). This needs the CPU layout's texture copy of the cache
+    bound read-write, or on a GPU the subgroup decode kernel (the split-record pass is left as it is)."""
+    g = ctx.graph
+    node = g[node_id]
+    if node.op != "fused_attention" or not node.attrs["cached"]:
+        return None
+    a = node.attrs
+    k_id, v_id = node.inputs[1:3]
+    kc, vc = g[k_id], g[v_id]
+    if (kc.op != "cache_write" or vc.op != "cache_write" or kc.inputs[1] != node.inputs[0]
+            or sorted(_cache_group(g, k_id)) != sorted((k_id, v_id)) or kc.attrs["rope"] != a["rope"]
+            or vc.attrs["rope"] is not None or a["norms"] & 6):
+        return None
+    if any(i < node_id and k in g[i].inputs for k in (k_id, v_id) for i in range(len(g))
+           if g[i].op != "cache_write"):
+        return None     # a reader before the attention would miss the step's key
+    lane_layout, splits = _lane_plan(ctx, a, kc, vc)
+    sub = ctx.subgroup_size
+    if not lane_layout:
+        return None
+    if ctx.layout == "cpu":
+        one_token_kernel = splits < 2 or (sub > 1 and LANES_WG % sub == 0)
+        if not one_token_kernel or (ctx.textures and not ctx.read_write_textures):
+            return None
+    elif not (sub > 1 and GPU_LANES_WG % sub == 0):
+        return None
+    return k_id, v_id
+
+
+def _lane_plan(ctx, a: dict, k: Node, v: Node) -> tuple[bool, int]:
+    """Whether attention_lanes.wgsl can read the heads (whole vec4s), and the splits of a decode step's keys."""
+    splits = min(MAX_SPLITS, -(-k.shape[0] // KEYS_PER_SPLIT)) if a["cached"] else 1
+    lane_layout = a["head_dim"] % 4 == 0 and all(x % 4 == 0 for x in (_row_width(k), _row_width(v), a["k_at"],
+                                                                      a["v_at"]))
+    if ctx.layout == "cpu" and lane_layout:
+        # A CPU has few lanes: enough splits to give each a query head's share, and each more keys.
+        splits = min(splits, -(-CPU_LANES // a["heads"]))
+    return lane_layout, splits
 
 
 def _cache_writes(ctx, group: list[int]) -> Kernel:

@@ -321,7 +321,7 @@ class WgpuRunner:
                       lambda n: self.params[n].dtype, lambda n: self.params[n].windows, self._rope_key,
                       lambda n, w: (self.params[n].group, self.params[n].scales_at[w]) if self.params[n].fmt
                       else (0, 0), self.textures, self.dev.subgroup_size,
-                      self.dev.limits.get("max-compute-invocations-per-workgroup", 256))
+                      self.dev.limits.get("max-compute-invocations-per-workgroup", 256), self.dev.read_write_textures)
         self.kernels = {i: lower(ctx, i) for i in range(len(self.graph))}
         self.arena = None
 
@@ -334,7 +334,8 @@ class WgpuRunner:
             for slot, b in enumerate(kernel.bindings, start=1):
                 if b.texture:
                     entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE,
-                                    "storage_texture": {"access": "write-only" if b.write else "read-only",
+                                    "storage_texture": {"access": "read-write" if b.reads else
+                                                        "write-only" if b.write else "read-only",
                                                         "format": "rgba32uint", "view_dimension": "2d"}})
                     continue
                 kind = "storage" if b.write else "read-only-storage"
