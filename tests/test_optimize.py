@@ -256,6 +256,20 @@ def test_cached_attention_becomes_one_gemm_two_cache_writes_and_attention(build)
     same_outputs(g)
 
 
+@pytest.mark.parametrize("build", [_cached(), _cached(k_is_v=True, qk_norm=True, v_norm=True)])
+def test_a_cache_read_after_its_attention_is_written_once(build):
+    """A value that reads a cache beside its attention (Gemma's KV-sharing layers read the last producing
+    layer's caches) takes the writes the packed attention makes: one GEMM, two cache writes."""
+    g = mn.Graph()
+    y = build(g)
+    caches = [i for i, n in enumerate(g.nodes) if n.op == "cache_write"]
+    g.set_outputs({"y": y, "k": caches[0], "v": caches[1]})
+    opt = optimize(g).graph
+    ops = [n.op for n in opt.nodes if n.op not in ("input", "parameter", "state", "reshape")]
+    assert ops == ["linear", "cache_write", "cache_write", "fused_attention"]
+    same_outputs(g)
+
+
 # ---------------------------------------------------------------- random graphs
 
 @st.composite

@@ -45,6 +45,7 @@ class EGraph:
         types = {c: d["type"] for c, d in data["class_data"].items()}
         self.classes: dict[str, list[ENode]] = {}
         self.original: dict[int, str] = {}                # node id of the input graph -> class
+        self.same: dict[str, set[str]] = {}               # class -> classes equal to it, kept apart (rules.Same)
         literal: dict[str, object] = {}
         for nid, n in nodes.items():
             t = types.get(n["eclass"])
@@ -53,6 +54,9 @@ class EGraph:
         for nid, n in nodes.items():
             if n["op"] == "Id":
                 self.original[literal[n["children"][1]]] = nodes[n["children"][0]]["eclass"]
+            elif n["op"] == "Same":
+                old, new = (nodes[c]["eclass"] for c in n["children"])
+                self.same.setdefault(old, set()).add(new)
             elif types.get(n["eclass"]) == "T" and not n.get("subsumed"):
                 args = tuple(literal[c] if c in literal else ClassRef(nodes[c]["eclass"]) for c in n["children"])
                 self.classes.setdefault(n["eclass"], []).append(ENode(n["op"], args))
@@ -121,6 +125,15 @@ class Extractor:
             self.total[cid], self.best[cid], self.own[cid], needs = best
             self.needs[cid] = needs | {cid}
         return self.best
+
+    def settle(self, roots: list[str]) -> list[str]:
+        """The roots, each replaced by a class `Same` as it that the other roots' choices already need: a
+        cache a later layer reads is the write the packed attention makes, not a second write of its own."""
+        out = []
+        for i, root in enumerate(roots):
+            others = frozenset().union(*(self.needs[r] for j, r in enumerate(roots) if j != i))
+            out.append(next((c for c in sorted(self.eg.same.get(root, ())) if c in others), root))
+        return out
 
     def _order(self, roots: list[str]) -> list[str]:
         """Classes reachable from the roots, inputs first (depth-first; back edges are skipped)."""

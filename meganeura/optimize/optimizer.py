@@ -134,6 +134,7 @@ def optimize_segment(sub: Graph, cost: DeviceCost, tokens: int, keep: bool) -> K
     ext = Extractor(egraph, enc, cost, tokens)
     roots = [egraph.original[o] for o in sub.outputs]
     best = ext.run(roots)
+    roots = ext.settle(roots)
     opt = Graph()
     inputs = {}
 

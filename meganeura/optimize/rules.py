@@ -61,6 +61,7 @@ DATATYPE = """\
 (relation Shp (T String))
 (relation Rank (T i64))
 (relation Last (T i64))
+(relation Same (T T))
 """
 
 RULESETS = ("cleanup", "fusion", "layout")
@@ -95,6 +96,16 @@ def _cw(c, x, at="0", nw="(Nil)", norm='""', eps="0.0", rope="-1", p="p"):
 def _proj(x, w, b="(Nil)"):
     """A projection of the (possibly normed) input: the shape the packing rules look for."""
     return _lin(x, w, "nw", b, "(Nil)", "nm", '""', "0.0", "eps")
+
+
+def _packed_writes(packed: str, k_at: str, v_at: str) -> tuple[str, ...]:
+    """The actions of a cached packing rule: cache writes kc and vc remade to read k and v at columns k_at
+    and v_at of the packed rows, the attention over them, and `Same` facts saying the new writes are kc
+    and vc (a KV-sharing layer reading the cache takes the write the packed attention already makes)."""
+    return (f"(let kc2 {_cw('ck', packed, k_at, 'kw', 'km', 'ke', 'kt')})",
+            f"(let vc2 {_cw('cv', packed, v_at, 'vw', 'vm', 've', 'vt')})",
+            f"(union e {_attn(packed, 'kc2', 'vc2', norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})",
+            "(Same kc kc2)", "(Same vc vc2)")
 
 
 RULES: tuple[Rule, ...] = (
@@ -210,7 +221,8 @@ RULES: tuple[Rule, ...] = (
          "when v is k (Gemma's K=V layers), pack q and k only and read v from the k columns"),
     # With a cache, k and v reach attention through their cache writes: the packed GEMM gets new writes
     # that read k and v at their column offsets, and a new attention reads q from it (new classes, not
-    # unions, so that the extractor weighs the packed triple as one choice).
+    # unions, so that the extractor weighs the packed triple as one choice; `Same` records that each new
+    # write is an old one, for a later layer that reads the cache, see `_packed_writes`).
     Rule("qkv-pack-cached", "layout",
          (f"(= e {_attn('(Reshape lq rq)', 'kc', 'vc', norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})",
           f"(= kc {_cw('ck', '(Reshape lk rk)', nw='kw', norm='km', eps='ke', rope='kt')})",
@@ -218,7 +230,7 @@ RULES: tuple[Rule, ...] = (
           f"(= lq {_proj('x', '(Param kq sq d)')})", f"(= lk {_proj('x', '(Param kk sk d)')})",
           f"(= lv {_proj('x', '(Param kv sk d)')})", "(Last lq nq)", "(Last lk nk)"),
          (f"(let qkv {_proj('x', '(Pack3 (Param kq sq d) (Param kk sk d) (Param kv sk d))')})",
-          f"(union e {_attn('qkv', _cw('ck', 'qkv', 'nq', 'kw', 'km', 'ke', 'kt'), _cw('cv', 'qkv', '(+ nq nk)', 'vw', 'vm', 've', 'vt'), norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})"),
+          *_packed_writes('qkv', 'nq', '(+ nq nk)')),
          "q, k and v read the same input: one GEMM over [q; k; v] rows; k and v go into their caches and "
          "q into attention from column offsets of the packed rows (equal dtypes only)"),
     Rule("qkv-pack-bias-cached", "layout",
@@ -229,15 +241,14 @@ RULES: tuple[Rule, ...] = (
           f"(= lk {_proj('x', '(Param kk sk d)', '(Param bk bsk bd)')})",
           f"(= lv {_proj('x', '(Param kv sk d)', '(Param bv bsk bd)')})", "(Last lq nq)", "(Last lk nk)"),
          (f"(let qkv {_proj('x', '(Pack3 (Param kq sq d) (Param kk sk d) (Param kv sk d))', '(Pack3 (Param bq bsq bd) (Param bk bsk bd) (Param bv bsk bd))')})",
-          f"(union e {_attn('qkv', _cw('ck', 'qkv', 'nq', 'kw', 'km', 'ke', 'kt'), _cw('cv', 'qkv', '(+ nq nk)', 'vw', 'vm', 've', 'vt'), norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})"),
+          *_packed_writes('qkv', 'nq', '(+ nq nk)')),
          "the same with q/k/v biases (Qwen2), packed alike"),
     Rule("qk-pack-shared-kv-cached", "layout",
          (f"(= e {_attn('(Reshape lq rq)', 'kc', 'vc', norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})",
           f"(= kc {_cw('ck', '(Reshape lk rk)', nw='kw', norm='km', eps='ke', rope='kt')})",
           f"(= vc {_cw('cv', '(Reshape lk rk)', nw='vw', norm='vm', eps='ve', rope='vt')})",
           f"(= lq {_proj('x', '(Param kq sq d)')})", f"(= lk {_proj('x', '(Param kk sk d)')})", "(Last lq nq)"),
-         (f"(let qk {_proj('x', '(Pack2 (Param kq sq d) (Param kk sk d))')})",
-          f"(union e {_attn('qk', _cw('ck', 'qk', 'nq', 'kw', 'km', 'ke', 'kt'), _cw('cv', 'qk', 'nq', 'vw', 'vm', 've', 'vt'), norms='n', qw='qw', kw='(Nil)', eps='ae', pos='p', rope='t')})"),
+         (f"(let qk {_proj('x', '(Pack2 (Param kq sq d) (Param kk sk d))')})", *_packed_writes('qk', 'nq', 'nq')),
          "when v is k (Gemma's K=V layers), pack q and k only; both caches are written from the k columns"),
 )
 
