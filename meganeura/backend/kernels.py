@@ -1352,7 +1352,8 @@ def _fresh_kv(ctx, fold: tuple[int, int], bindings: list[Binding], a: dict, subs
         bindings[at] = cache
         if cache.texture:       # its buffer, beside the texture attention reads
             bindings.append(Binding(f"{name}_cache", Ref("node", cache_id), "f32", write=True, quads=True))
-            stores.append(f"{name}_cache[at + @c] = {name}f[@c]; store_{name}(at + @c, bitcast<vec4<u32>>({name}f[@c]));")
+            stores.append(f"{name}_cache[at + @c] = {name}f[@c]; "
+                          f"store_{name}(at + @c, bitcast<vec4<u32>>({name}f[@c]));")
         else:
             stores.append(f"{name}[at + @c] = {name}f[@c];")
     parts, lines = [], []
@@ -1507,8 +1508,7 @@ def _folded_cache_writes(ctx, node_id: int) -> tuple[int, int] | None:
             or sorted(_cache_group(g, k_id)) != sorted((k_id, v_id)) or kc.attrs["rope"] != a["rope"]
             or vc.attrs["rope"] is not None or a["norms"] & 6):
         return None
-    if any(i < node_id and k in g[i].inputs for k in (k_id, v_id) for i in range(len(g))
-           if g[i].op != "cache_write"):
+    if any(k in g[i].inputs for i in range(node_id) for k in (k_id, v_id)):
         return None     # a reader before the attention would miss the step's key
     lane_layout, splits = _lane_plan(ctx, a, kc, vc)
     sub = ctx.subgroup_size
