@@ -12,8 +12,10 @@ import numpy as np
 
 from .polling import pollers
 
-OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "immediates",
-                     "texture-adapter-specific-format-features")
+# The optional features a device is opened with (where the adapter has them and they are not withheld), and
+# the ones `list_adapters` reports.
+REQUESTED_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "texture-adapter-specific-format-features")
+OPTIONAL_FEATURES = (*REQUESTED_FEATURES, "immediates")
 PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
           "max-compute-invocations-per-workgroup", "max-compute-workgroups-per-dimension",
@@ -154,8 +156,7 @@ def open_device(choice: str | None = None, max_binding: int | None = None,
             names = ", ".join(a.info.get("device", "?") for a in adapters)
             raise DeviceError(f"no adapter matches {choice!r}; available: {names}")
         adapter = matches[0]
-    features = [f for f in ("shader-f16", "subgroup", "timestamp-query", "texture-adapter-specific-format-features")
-                if f in adapter.features and f not in disable]
+    features = [f for f in REQUESTED_FEATURES if f in adapter.features and f not in disable]
     limits = {k: adapter.limits[k] for k in LIMITS if k.startswith("max-") and k in adapter.limits}
     dev = adapter.request_device_sync(required_features=features, required_limits=limits)
     binding = min(limits["max-storage-buffer-binding-size"], limits["max-buffer-size"])

@@ -1124,8 +1124,15 @@ def _fused_attention(ctx, node_id, node: Node) -> list[Kernel]:
     return _attend(ctx, node_id, node.inputs, node.attrs, "fused_attention")
 
 
-# 1/rms of a head from its sum of squares (EPS and D are template constants).
-HEAD_RMS = "1.0 / sqrt({} / f32(D) + EPS)"
+# 1/rms of a head from its sum of squares and an eps (D is a template constant, EPS the attention's eps).
+HEAD_RMS = "1.0 / sqrt({} / f32(D) + {})"
+
+
+def _head_rms(target: str, ss: str, load: str, indent: str, eps: str = "EPS") -> str:
+    """Lines summing the squares of a head's D elements `load` (an expression of d) into `ss` and setting
+    `target` to the head's 1/rms: the first line unindented, the others after `indent`."""
+    return (f"var {ss} = 0.0;\n{indent}for (var d = 0u; d < D; d = d + 1u) {{ let x = {load}; {ss} = {ss} + x * x; }}\n"
+            f"{indent}{target} = {HEAD_RMS.format(ss, eps)};")
 
 
 def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
@@ -1168,19 +1175,16 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
     if norms & 1:
         q_rms = ("var q_ss = 0.0;\n    for (var d = li; d < D; d = d + WG) { q_ss = q_ss + q_raw[d] * q_raw[d]; }\n"
-                 f"    let rq = {HEAD_RMS.format('reduce_sum(q_ss, li)')};")
+                 f"    let rq = {HEAD_RMS.format('reduce_sum(q_ss, li)', 'EPS')};")
         q_elem = "return q_raw[d] * r * load_q_norm(d);"
     k_rms, k_elem = "let rk = 1.0;", "return load_k(k_base + d);"
     if norms & 2:
-        k_rms = ("var k_ss = 0.0;\n            for (var d = 0u; d < D; d = d + 1u) "
-                 "{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }\n"
-                 f"            let rk = {HEAD_RMS.format('k_ss')};")
+        k_rms = _head_rms("let rk", "k_ss", "load_k(k_base + d)", "            ")
         k_elem = "return load_k(k_base + d) * r * load_k_norm(d);"
     v_rms, v_value = "", "load_v(v_base + d)"
     if norms & 4:
-        v_rms = (f"let v_base = slot(j) * {_row_width(v)}u + {a['v_at']}u + g * D;\n            var v_ss = 0.0;\n"
-                 "            for (var d = 0u; d < D; d = d + 1u) { let x = load_v(v_base + d); v_ss = v_ss + x * x; }\n"
-                 f"            v_scale[li] = {HEAD_RMS.format('v_ss')};")
+        v_rms = (f"let v_base = slot(j) * {_row_width(v)}u + {a['v_at']}u + g * D;\n            "
+                 + _head_rms("v_scale[li]", "v_ss", "load_v(v_base + d)", "            "))
         v_value = "(load_v(v_base + d) * v_scale[t])"
     q_value, k_value = "q_elem(d, rq)", "k_elem(k_base, d, rk)"
     if a["rope"] is not None:
@@ -1231,8 +1235,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         bindings, fresh_parts, fresh = _fresh_kv(ctx, fold, bindings, a, subs, each_quad)
     q_rms = ""
     if norms & 1:
-        q_rms = ("var q_ss = 0.0;\n    for (var d = 0u; d < D; d = d + 1u) { let x = load_q(q_base + d); "
-                 f"q_ss = q_ss + x * x; }}\n    rq = {HEAD_RMS.format('q_ss')};")
+        q_rms = _head_rms("rq", "q_ss", "load_q(q_base + d)", "    ")
     q_elem = "return load_q(q_base + d) * r" + " * load_q_norm(d)" * bool(norms & 1) + ";"
     k_elem = "return load_k(k_base + d) * r" + " * load_k_norm(d)" * bool(norms & 2) + ";"
     rotate_k = a["rope"] is not None and not a["cached"]
@@ -1243,8 +1246,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     if norms & 2 or rotate_k:       # keys computed element by element
         score = ["        var rk = 1.0;"]
         if norms & 2:
-            score.append("        var k_ss = 0.0;\n        for (var d = 0u; d < D; d = d + 1u) "
-                         f"{{ let x = load_k(k_base + d); k_ss = k_ss + x * x; }}\n        rk = {HEAD_RMS.format('k_ss')};")
+            score.append("        " + _head_rms("rk", "k_ss", "load_k(k_base + d)", "        "))
         score.append(each_quad("{ let d = 4u * @c; dot4 = fma(q[@c], vec4<f32>(k_value(k_base, d, rk, j), "
                                "k_value(k_base, d + 1u, rk, j), k_value(k_base, d + 2u, rk, j), "
                                "k_value(k_base, d + 3u, rk, j)), dot4); }"))
@@ -1253,7 +1255,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     v_rms = ""
     if norms & 4:
         v_rms = ("var v_ss = 0.0;\n" + each_quad("{ let x = v4(v_base / 4u + @c); v_ss = v_ss + dot(x, x); }")
-                 + f"\n        p = p * {HEAD_RMS.format('v_ss')};")
+                 + f"\n        p = p * {HEAD_RMS.format('v_ss', 'EPS')};")
     quads = []
     for name, b in (("k", bindings[1]), ("v", bindings[2])):
         body = f"bitcast<vec4<f32>>(texel_{name}(t))" if b.texture else _load4(b, "4u * t")
@@ -1347,9 +1349,9 @@ def _fresh_kv(ctx, fold: tuple[int, int], bindings: list[Binding], a: dict, subs
     slots, kv_heads, d = kc.shape
     bindings = list(bindings)
     stores = []
-    for at, (name, cache_id) in enumerate((("k", fold[0]), ("v", fold[1])), start=1):
-        cache = replace(bindings[at], write=True, reads=True, quads=not bindings[at].texture)
-        bindings[at] = cache
+    for index, (name, cache_id) in enumerate((("k", fold[0]), ("v", fold[1])), start=1):
+        cache = replace(bindings[index], write=True, reads=True, quads=not bindings[index].texture)
+        bindings[index] = cache
         if cache.texture:       # its buffer, beside the texture attention reads
             bindings.append(Binding(f"{name}_cache", Ref("node", cache_id), "f32", write=True, quads=True))
             stores.append(f"{name}_cache[at + @c] = {name}f[@c]; "
@@ -1358,20 +1360,19 @@ def _fresh_kv(ctx, fold: tuple[int, int], bindings: list[Binding], a: dict, subs
             stores.append(f"{name}[at + @c] = {name}f[@c];")
     parts, lines = [], []
     for name, node in (("k", kc), ("v", vc)):
-        c = node.attrs
-        weight = f" * load_{name}_norm_w(d)" if c["norm"] == "weighted" else ""
+        attrs = node.attrs
+        weight = f" * load_{name}_norm_w(d)" if attrs["norm"] == "weighted" else ""
         if weight:
             bindings.append(ctx.value(node.inputs[3], f"{name}_norm_w"))
         elem = f"load_q(base + d) * r{weight}"
-        if c["rope"] is not None:       # the attention's own table (`_folded_cache_writes` checks they agree)
+        if attrs["rope"] is not None:       # the attention's own table (`_folded_cache_writes` checks they agree)
             parts.append(f"fn fresh_{name}_elem(base: u32, d: u32, r: f32) -> f32 {{ return {elem}; }}")
             elem = f"rotate(fresh_{name}_elem(base, d, r), fresh_{name}_elem(base, partner(d), r), row, d)"
         parts.append(f"fn fresh_{name}(base: u32, d: u32, r: f32, row: u32) -> f32 {{ return {elem}; }}")
-        lines.append(f"        let {name}_at = i * {subs['q_row']}u + {c['at']}u + g * D;\n        var r{name} = 1.0;")
-        if c["norm"] is not None:
-            lines.append(f"        var {name}_ss = 0.0;\n        for (var d = 0u; d < D; d = d + 1u) "
-                         f"{{ let x = load_q({name}_at + d); {name}_ss = {name}_ss + x * x; }}\n"
-                         f"        r{name} = 1.0 / sqrt({name}_ss / f32(D) + {lit(c['eps'])});")
+        lines.append(f"        let {name}_at = i * {subs['q_row']}u + {attrs['at']}u + g * D;\n        var r{name} = 1.0;")
+        if attrs["norm"] is not None:
+            lines.append("        " + _head_rms(f"r{name}", f"{name}_ss", f"load_q({name}_at + d)", "        ",
+                                                  lit(attrs["eps"])))
         lines.append(f"        var {name}f: array<vec4<f32>, {d // 4}>;\n" + each_quad(
             f"{name}f[@c] = vec4<f32>(" + ", ".join(f"fresh_{name}({name}_at, 4u * @c + {j}u, r{name}, i)"
                                                    for j in range(4)) + ");"))

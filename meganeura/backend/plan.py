@@ -3,8 +3,9 @@ and the row windows a weight is split into, one buffer each, so each fits one st
 
 Reshapes are views (they share their source's slot); a cache write's value is its state, which lives
 outside the arena (states persist across steps). A slot is reused by a later value once every
-reader of its current value (every node with a kernel that binds it) has been dispatched; graph outputs and inputs keep their slots. Per-op
-scratch lives only during its op, sized for the largest step its kernels run for.
+reader of its current value (every node with a kernel that binds it) has been dispatched; graph outputs
+and inputs keep their slots. Per-op scratch lives only during its op, sized for the largest step its
+kernels run for.
 """
 from __future__ import annotations
 
