@@ -182,11 +182,16 @@ def test_split_kv_decode_equals_the_reference(case, hf_checkpoint, monkeypatch):
     assert new == ref.generate_ids(prompt, max_new_tokens=20)
     runner = gpu.decoder._runner
     assert any(k.label.endswith("_split") for ks in runner.kernels.values() for k in ks)
+    assert_steps_equal_the_reference(gpu, ref, prompt, new, f"{case}: split-KV decode")
+
+
+def assert_steps_equal_the_reference(gpu, ref, prompt, new, what):
+    """Every step's logits, the prompt's and then one of `new` a step, equal the reference's within 1e-4."""
     sessions = [gpu.session(), ref.session()]
     for tokens in [prompt] + [[t] for t in new[:-1]]:
         got, want = (s.feed(tokens, "logits") for s in sessions)
         err = np.abs(got - want).max() / np.abs(want).max()
-        assert err <= 1e-4, f"{case}: split-KV decode at position {sessions[1].pos}, relative error {err:.2e}"
+        assert err <= 1e-4, f"{what} at position {sessions[1].pos}, relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("case", ["gemma4_text_all", "qwen3"])
@@ -206,13 +211,7 @@ def test_one_token_attention_writes_the_cache_itself(case, layout, keys_per_spli
     gpu = mn.load_model(path, context=40, chunk=4)
     ref = mn.load_model(path, backend="numpy", context=40, chunk=4)
     prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1]
-    sessions = [gpu.session(), ref.session()]
-    tokens = prompt
-    for _ in range(16):
-        got, want = (s.feed(tokens, "logits") for s in sessions)
-        err = np.abs(got - want).max() / np.abs(want).max()
-        assert err <= 1e-4, f"{case}: decode at position {sessions[1].pos}, relative error {err:.2e}"
-        tokens = [int(np.argmax(want))]
+    assert_steps_equal_the_reference(gpu, ref, prompt, ref.generate_ids(prompt, max_new_tokens=16), f"{case}: decode")
     writes = lambda n: [k.label for _, _, k in gpu.decoder._runner.dispatches if k.runs_for(n)].count("cache_write")
     assert (writes(1) == writes(4)) == bool(disable) and writes(4) > 0
 
