@@ -300,6 +300,42 @@ def test_add_norm_computed_in_the_next_products_prologue(s, k, weighted, scaled,
     assert labels.count("add_norm") == (1 if folded else 2)
 
 
+@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+@pytest.mark.parametrize("s", [1, 4])
+@settings(max_examples=5, deadline=None)
+@given(k=st.sampled_from([8, 64, 200]), n=st.integers(1, 40), source=st.sampled_from(["add_norm", "mul"]),
+       softcap=st.sampled_from([None, 30.0]), dtype=st.sampled_from(["f32", "bf16", "q8", "q4"]))
+def test_the_lm_head_reads_the_last_row_in_place(layout, s, k, n, source, softcap, dtype):
+    """A final norm's LM head over last_row: the product reads row S - 1 of the source itself (no last_row
+    dispatch), and on a CPU device with subgroups computes the add_norm it comes from in its prologue, that
+    row only, in every step (no add_norm dispatch)."""
+    g = mn.Graph()
+    h, y = g.input("h", (S, k)), g.input("y", (S, k))
+    x = g.add_norm(h, y, g.parameter("w", (k,)), 1e-6, g.parameter("c", (1,))) if source == "add_norm" \
+        else g.mul(h, y)
+    out = g.fused_linear(g.last_row(x), g.parameter("p", (n, k)), norm="weighted", norm_w=g.parameter("nw", (k,)),
+                         eps=1e-5, softcap=softcap)
+    quantized = dtype in ("q8", "q4")
+    params = {"p": (rand(n, k, seed=1) / np.sqrt(k), "f32" if quantized else dtype),
+              "nw": (1 + rand(k, seed=2) / 4, "bf16"), "w": (rand(k, seed=3), "bf16"),
+              "c": (np.array([0.7], np.float32), "bf16")}
+    feed = {"h": rand(s, k), "y": 3 * rand(s, k, seed=4)}
+    g.set_outputs({"y": out})
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", layout)
+        path = os.path.join(d, "w.safetensors")
+        write_safetensors(path, params)
+        weights = mn.open_weights(path)
+        quantize = dtype if quantized else None
+        program = mn.compile(g, backend="wgpu", optimize=False, quantize=quantize)
+        gpu = program.run(feed, weights)
+        ref = mn.compile(g, backend="numpy", optimize=False, quantize=quantize).run(feed, weights)
+        labels = [k.label for _, _, k in program._runner.dispatches if k.runs_for(s)]
+    np.testing.assert_allclose(gpu["y"], ref["y"], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref["y"]).max())))
+    assert "last_row" not in labels
+    folded = layout == "cpu" and source == "add_norm" and os.environ.get("MEGANEURA_DISABLE") is None
+    assert labels.count("add_norm") == (source == "add_norm" and not folded)
+
 @settings(max_examples=12, deadline=None)
 @given(s=st.integers(1, 150), k=st.integers(1, 80), n=st.integers(1, 150), lead=st.sampled_from([(), (2,)]),
        norm=st.sampled_from([None, "weighted", "unit"]), act=st.sampled_from([None, "silu", "gelu_tanh"]),

@@ -426,9 +426,37 @@ def _slice(ctx, node_id, node: Node) -> list[Kernel]:
 
 
 def _last_row(ctx, node_id, node: Node) -> list[Kernel]:
+    if _last_row_reader(ctx, node_id) is not None:
+        return []           # its product reads row S - 1 of the source itself
     width = math.prod(node.shape[1:])
     body = f"    out[i] = load_in_a((step.S - 1u) * {width}u + i);"
     return [_elementwise(ctx, "last_row", node, [ctx.value(node.inputs[0], "in_a"), _out(node_id)], body)]
+
+
+def _readers(g: Graph, node_id: int) -> list[int]:
+    return [i for i in range(node_id + 1, len(g.nodes)) if node_id in g[i].inputs]
+
+
+def _last_row_reader(ctx, node_id: int) -> int | None:
+    """The streamed product that reads last_row `node_id` in place (row S - 1 of its source), or None.
+
+    The LM head after last_row is a one-row product (`_with_streamed`'s fixed rows) whatever the step, so
+    its loads can take the row from the [S, K] source: the copy (a dispatch, 4% of a 34M-parameter decode
+    step's time on lavapipe) is never made, and the add_norm before it folds into the product's prologue
+    (`_add_norm_reader`)."""
+    g = ctx.graph
+    readers = _readers(g, node_id)
+    if g[node_id].op != "last_row" or len(readers) != 1 or node_id in g.outputs:
+        return None
+    reader = g[readers[0]]
+    x = g[g[node_id].inputs[0]]
+    if reader.op != "linear" or reader.inputs[0] != node_id or node_id in reader.inputs[1:] or reader.attrs["act"]:
+        return None
+    w = g[reader.inputs[1]]
+    if (x.shape[-1] % 8 or x.op in ("input", "parameter", "state") or w.op != "parameter"
+            or ctx.param_dtype(w.attrs["name"]) not in STREAMED_DTYPES):
+        return None
+    return readers[0]
 
 
 def _rope(ctx, node_id, node: Node) -> list[Kernel]:
@@ -527,7 +555,10 @@ def _add_norm(ctx, node_id, node: Node) -> list[Kernel]:
 
     def rows(*acts: Binding) -> list[Kernel]:
         return _norm_rows(ctx, node_id, node, "add_norm", list(acts), params, "y", value)
-    folded = _add_norm_reader(ctx, node_id) is not None     # a one-token step's is its reader's prologue
+    reader = _add_norm_reader(ctx, node_id)
+    if reader is not None and ctx.graph[reader].inputs[0] != node_id:
+        return []           # read through a last_row: every step's is its reader's prologue
+    folded = reader is not None         # a one-token step's is its reader's prologue
     if not ctx.textures:
         return [replace(k, tokens=(2, math.inf)) for k in rows(h, y)] if folded else rows(h, y)
     # On a CPU device a step of several tokens reads h and y through their texture copies (h's is made for
@@ -552,15 +583,24 @@ def _add_norm_reader(ctx, node_id: int) -> int | None:
     On a CPU device a one-token add_norm is a few microseconds of work behind a dispatch's fixed 20-35 us,
     and the product that first reads it loads the whole row anyway: `_gemv_kernel` adds the normed row to
     the residual in registers and its first subgroup stores the sum for the later readers (Gemma's two
-    add_norms a layer: 16 of a gemma4-34m decode step's 69 dispatches)."""
+    add_norms a layer: 16 of a gemma4-34m decode step's 69 dispatches). The LM head reading the add_norm
+    alone through a last_row (`_last_row_reader`) computes its row S - 1 so in every step, and nothing
+    stores it."""
     g = ctx.graph
     node = g[node_id]
     if ctx.layout != "cpu" or ctx.subgroup_size == 0 or len(node.shape) != 2 or node.shape[0] != S:
         return None
-    first = next((i for i in range(node_id + 1, len(g.nodes)) if node_id in g[i].inputs), None)
-    reader = g[first] if first is not None else None
+    readers = _readers(g, node_id)
+    if not readers:
+        return None
+    first, x = readers[0], node_id
+    if g[first].op == "last_row" and len(readers) == 1 and node_id not in g.outputs:
+        first, x = _last_row_reader(ctx, first), first
+        if first is None:
+            return None
+    reader = g[first]
     k = node.shape[1]
-    if reader is None or reader.op != "linear" or reader.inputs[0] != node_id or node_id in reader.inputs[1:]:
+    if reader.op != "linear" or reader.inputs[0] != x or node_id in reader.inputs[1:]:
         return None
     w = g[reader.inputs[1]]
     if (k % 8 or not _gemv_fits(ctx, k) or w.op != "parameter"
@@ -777,10 +817,13 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
     kernels = [replace(t, tokens=(largest + 1, math.inf)) for t in tiled] if largest < math.inf and fixed is None \
         else []
     parts = [*(act_fn(act) if act else ()), TANH if softcap is not None else ""]
+    x_id, row0 = shared[0].ref.key, ""
+    if ctx.graph[x_id].op == "last_row" and _last_row_reader(ctx, x_id) == node_id:
+        x_id, row0 = ctx.graph[x_id].inputs[0], "step.S - 1u"        # the source's last row, in place
+        shared[0] = replace(ctx.value(x_id, "a"), name=shared[0].name)
     # The activations and the norm weight (streamed with them) are read in packs too.
     shared = [replace(shared[0], packs=True, texture=ctx.textures),
               *(replace(b, packs=True) if b.name == "nw" else b for b in shared[1:])]
-    x_id = shared[0].ref.key
     folded = ctx.graph[x_id].op == "add_norm" and _add_norm_reader(ctx, x_id) == node_id
     for i, (r0, r1) in enumerate(windows):
         n = (r1 - r0) // 2 if act else r1 - r0
@@ -792,16 +835,16 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
                     h, y, params = _add_norm_bindings(ctx, ctx.graph[x_id])
                     prologue = [replace(h, packs=True), *(replace(b, packs=b.name != "s", name=f"add_{b.name}")
                                                           for b in [y] + params)]
-                    if i == 0:
+                    if i == 0 and not row0:
                         prologue.append(Binding("add_out", Ref("node", x_id), "f32", write=True, quads=True))
                 kernel = _gemv_kernel(ctx, label, [prologue[0], *bindings[1:], *prologue[1:]], parts, x, k,
                                       n, r0, epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
                                       weighted=norm_w is not None,
-                                      add_norm=ctx.graph[x_id].attrs if folded else None)
+                                      add_norm=ctx.graph[x_id].attrs if folded else None, row0=row0)
             else:
                 kernel = _stream_kernel(ctx, label, bindings, parts, x, k, n, r0, tokens, rows, token_block,
                                         epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
-                                        weighted=norm_w is not None)
+                                        weighted=norm_w is not None, row0=row0)
             kernels.append(replace(kernel, tokens=(1, math.inf)) if fixed is not None else kernel)
     return kernels
 
@@ -827,11 +870,12 @@ def _gemv_fits(ctx, k: int) -> bool:
 
 
 def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int, epilogue: list[str],
-                 out_stride: int, *, gated: bool, norm, eps: float, weighted: bool, add_norm: dict | None = None
-                 ) -> Kernel:
+                 out_stride: int, *, gated: bool, norm, eps: float, weighted: bool, add_norm: dict | None = None,
+                 row0: str = "") -> Kernel:
     """The one-token variant of a streamed product on a CPU device with subgroups (gemv_subgroup.wgsl).
     With `add_norm` (its attrs) the token is that of an add_norm (`_add_norm_reader`), computed from the
-    bindings h, add_y, add_w, add_s here, and stored to add_out where that is bound."""
+    bindings h, add_y, add_w, add_s here, and stored to add_out where that is bound. With `row0` the
+    token's rows are read from that row of the inputs on (a last_row read in place)."""
     lanes, packs, w = ctx.subgroup_size, k // 8, bindings[1]
     # A lane's step: a pack, or a whole texel of a quantized weight in a texture (2 q8 or 4 q4 packs under
     # one scale), so that no lane picks its words out of a texel by a lane-varying index (a scalar loop).
@@ -848,6 +892,7 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
     subgroups = max(1, min(CORES * GEMV_SUBGROUPS, n // GEMV_MIN_ROWS))
     rows = -(-n // subgroups)
     load_x, body = [], []
+    row_at = f"({row0} + m) * PACKS" if row0 else "m * PACKS"      # where the token's row of the inputs is
     places = per == 4
     side = any(b.name == "add_out" for b in bindings)
     if places:
@@ -872,7 +917,7 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
         for c in range(shares):
             _, inside, share = packs_of(c)
             for p, xc in share:
-                load_x.append(f"        let add{xc} = {loaded(f'pack_add_y(m * PACKS + {p})', inside)};")
+                load_x.append(f"        let add{xc} = {loaded(f'pack_add_y({row_at} + {p})', inside)};")
                 load_x.append(f"        ss_add = ss_add + dot(add{xc}.lo, add{xc}.lo) + dot(add{xc}.hi, add{xc}.hi);")
         load_x.append(f"        let r_add = 1.0 / sqrt(subgroupAdd(ss_add) / f32(K) + {lit(add_norm['eps'])});")
     for c in range(shares):
@@ -881,9 +926,9 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
         for p, xc in share:
             xs.append(xc)
             if add_norm is None:
-                load_x.append(f"        let raw{xc} = {loaded(f'pack_a(m * PACKS + {p})', inside)};")
+                load_x.append(f"        let raw{xc} = {loaded(f'pack_a({row_at} + {p})', inside)};")
             else:
-                load_x.append(f"        let h{xc} = {loaded(f'pack_h(m * PACKS + {p})', inside)};")
+                load_x.append(f"        let h{xc} = {loaded(f'pack_h({row_at} + {p})', inside)};")
                 lo, hi = (f"h{xc}.{half} + add{xc}.{half} * r_add" + f" * aw{xc}.{half}" * add_norm["weighted"]
                           for half in ("lo", "hi"))
                 if add_norm["weighted"]:
@@ -962,7 +1007,7 @@ fn hi_places(q: u32) -> vec4<f32> {
 
 def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int, tokens, rows: int,
                    token_block: int, epilogue: list[str], out_stride: int, *, gated: bool, norm, eps: float,
-                   weighted: bool) -> Kernel:
+                   weighted: bool, row0: str = "") -> Kernel:
     lanes = 1 if ctx.layout == "cpu" else STREAM_WG
     rows = min(rows, n)
     blocks = -(-n // rows)
@@ -976,11 +1021,12 @@ def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: i
     # On a CPU every lane of a subgroup reads the same activation packs: with subgroups, each lane fetches a
     # share of the block's texels once and the rest are broadcast from the lanes that hold them.
     shared_x = lanes == 1 and ctx.subgroup_size > 0 and bindings[0].texture
+    row = (lambda r: f"({row0} + {r})") if row0 else (lambda r: r)     # a token's row of the inputs
     if shared_x:
         fetched, group = 2 * token_block, ctx.subgroup_size        # two texels of f32 to a pack
         for c in range(-(-fetched // group)):
             e = f"min({c * group}u + sg_lane, {fetched - 1}u)"
-            body.append(f"            let v{c} = bitcast<vec4<f32>>(texel_a((min(m0 + {e} / 2u, M - 1u) * PACKS + p) "
+            body.append(f"            let v{c} = bitcast<vec4<f32>>(texel_a(({row(f'min(m0 + {e} / 2u, M - 1u)')} * PACKS + p) "
                         f"* 2u + ({e} & 1u)));")
     for t in T:
         if shared_x:
@@ -988,7 +1034,7 @@ def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: i
             body.append(f"            let raw{t} = Pack(subgroupBroadcast(v{lo[0]}, {lo[1]}u), "
                         f"subgroupBroadcast(v{hi[0]}, {hi[1]}u), 1.0);")
         else:
-            body.append(f"            let raw{t} = pack_a(min(m0 + {t}u, M - 1u) * PACKS + p);")
+            body.append(f"            let raw{t} = pack_a({row(f'min(m0 + {t}u, M - 1u)')} * PACKS + p);")
         if norm is not None:
             body.append(f"            ss{t} = ss{t} + dot(raw{t}.lo, raw{t}.lo) + dot(raw{t}.hi, raw{t}.hi);")
         scaled = f"Pack(raw{t}.lo * nw.lo, raw{t}.hi * nw.hi, 1.0)" if weighted else f"raw{t}"
