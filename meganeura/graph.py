@@ -432,8 +432,9 @@ class Graph:
         rope = None if rope is None else (tuple(float(f) for f in rope[0]), float(rope[1]))
         return self.add_node("cache_write", ins, at=int(at), norm=norm, eps=float(eps), rope=rope)
 
-    def embedding(self, table: int, ids: int) -> int:
-        return self.add_node("embedding", (table, ids))
+    def embedding(self, table: int, ids: int, scale: float = 1.0) -> int:
+        """Rows `ids` of `table`, times `scale`."""
+        return self.add_node("embedding", (table, ids), scale=float(scale))
 
     def matmul(self, x: int, w: int, transpose_b: bool = False) -> int:
         return self.add_node("matmul", (x, w), transpose_b=transpose_b)

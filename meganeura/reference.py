@@ -15,11 +15,12 @@ f32 = np.float32
 
 # ---------------------------------------------------------------- op meanings
 
-def embedding(table, ids):
+def embedding(table, ids, scale=1.0):
     ids = np.asarray(ids).astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
         raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of {table.shape[0]}")
-    return table[ids].astype(f32)
+    rows = table[ids].astype(f32)
+    return rows if scale == 1.0 else (rows * f32(scale)).astype(f32, copy=False)
 
 
 def matmul(x, w, transpose_b):

@@ -1,4 +1,4 @@
-// Embedding rows: out[s, :] = table[ids[s] - row0, :] for the ids this table window holds.
+// Embedding rows: out[s, :] = table[ids[s] - row0, :] (times a scale) for the ids this table window holds.
 ${bindings}
 
 @compute @workgroup_size(256)
@@ -10,6 +10,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let s = i / H;
     let id = ids[s];
     if (id >= ${row0}u && id < ${row1}u) {
-        out[i] = load_table((id - ${row0}u) * H + i % H);
+        out[i] = load_table((id - ${row0}u) * H + i % H)${scale};
     }
 }

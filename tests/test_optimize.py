@@ -33,6 +33,8 @@ def inputs_for(g: mn.Graph, tokens=5, seed=1) -> dict:
         n = g[i]
         if n.shape == ():
             out[name] = np.int32(3)
+        elif n.dtype in ("u32", "i32"):      # token ids, below every test table's 6 rows
+            out[name] = rng.integers(0, 6, tuple(tokens if d == S else d for d in n.shape)).astype(np.uint32)
         else:
             out[name] = rng.standard_normal(tuple(tokens if d == S else d for d in n.shape)).astype(np.float32)
     return out
@@ -175,6 +177,9 @@ CASES = {
                         lambda g: g.reshape(g.scale(g.reshape(g.input("x", (S, 8)), (S, 2, 4)), 2.0), (S, 4, 2))),
     "scale-scale": (lambda g: g.scale(g.scale(g.input("x", (S, 8)), 3.0), 0.5),
                     lambda g: g.scale(g.silu(g.scale(g.input("x", (S, 8)), 3.0)), 0.5)),
+    "scale-into-gather": (lambda g: g.scale(g.embedding(g.parameter("t", (6, 8)), g.input("ids", (S,), "u32")), 2.5),
+                          lambda g: g.scale(g.silu(g.embedding(g.parameter("t", (6, 8)),
+                                                               g.input("ids", (S,), "u32"))), 2.5)),
     "sigmoid-silu": (lambda g: (lambda x: g.mul(x, g.sigmoid(x)))(g.input("x", (S, 8))),
                      lambda g: g.mul(g.input("x", (S, 8)), g.sigmoid(g.input("y", (S, 8))))),
     "sigmoid-silu-left": (lambda g: (lambda x: g.mul(g.sigmoid(x), x))(g.input("x", (S, 8))),

@@ -56,11 +56,11 @@ def test_matmul(s, k, n, dtype, transpose):
 
 
 @EXAMPLES
-@given(s=dims, v=dims, h=dims, dtype=wdtypes)
-def test_embedding(s, v, h, dtype):
+@given(s=dims, v=dims, h=dims, dtype=wdtypes, scale=st.sampled_from([1.0, 512 ** 0.5]))
+def test_embedding(s, v, h, dtype, scale):
     g = mn.Graph()
     ids = g.input("ids", (S,), "u32")
-    out = g.embedding(g.parameter("e", (v, h)), ids)
+    out = g.embedding(g.parameter("e", (v, h)), ids, scale=scale)
     check(g, out, {"ids": np.random.default_rng(s).integers(0, v, s)}, {"e": (rand(v, h), dtype)})
 
 

@@ -1135,7 +1135,8 @@ def _embedding(ctx, node_id, node: Node) -> list[Kernel]:
         bindings = [ids, ctx.weight("table", pname, i), _out(node_id)]
         kernels.append(_kernel(ctx, "embedding", "gather", bindings,
                                lambda s: grid_1d(numel_at(node.shape, s)),
-                               rows=numel(node.shape[:-1]), width=width, row0=r0, row1=r1))
+                               rows=numel(node.shape[:-1]), width=width, row0=r0, row1=r1,
+                               scale="" if node.attrs["scale"] == 1.0 else f" * {lit(node.attrs['scale'])}"))
     return kernels
 
 

@@ -95,7 +95,7 @@ LOWER: dict[str, Callable] = {
     "Pack2": lambda a, t: Lowered("pack", {}, list(a), False),
     "Pack3": lambda a, t: Lowered("pack", {}, list(a), False),
     "Nil": lambda a, t: Lowered("nil", {}, [], False),
-    "Embedding": _k("embedding"),
+    "Embedding": _k("embedding", attrs=("scale",)),
     "MatMul": _k("matmul", transpose_b=False),
     "MatMulT": _k("matmul", transpose_b=True),
     "Moe": _k("moe", attrs=("act", "k")),

@@ -116,7 +116,7 @@ def term(enc: Encoding, i: int) -> str:
         c = rest.pop(0) if a["scaled"] else "(Nil)"
         return f"(AddNorm {v[0]} {v[1]} {w} {c} {f64(a['eps'])})"
     simple = {
-        "embedding": lambda: f"(Embedding {v[0]} {v[1]})",
+        "embedding": lambda: f"(Embedding {v[0]} {v[1]} {f64(a['scale'])})",
         "moe": lambda: f"(Moe {v[0]} {v[1]} {v[2]} {v[3]} {q(a['act'])} {a['k']})",
         "add": lambda: f"(Add {v[0]} {v[1]})",
         "mul": lambda: f"(Mul {v[0]} {v[1]})",

@@ -30,7 +30,7 @@ DATATYPE = """\
   (Stacked String String String)
   (Pack2 T T)
   (Pack3 T T T)
-  (Embedding T T)
+  (Embedding T T f64)
   (MatMul T T)
   (MatMulT T T)
   (Moe T T T T String i64)
@@ -114,6 +114,8 @@ RULES: tuple[Rule, ...] = (
          "two views in a row are one view"),
     Rule("scale-scale", "cleanup", "(Scale (Scale x a) b)", "(Scale x (* a b))",
          "constant factors fold: one pass over the tensor instead of two"),
+    Rule("scale-into-gather", "cleanup", "(Scale (Embedding t ids a) b)", "(Embedding t ids (* a b))",
+         "an embedding's constant factor (Gemma's sqrt(hidden)) multiplies the rows as they are gathered"),
     Rule("sigmoid-silu", "cleanup", "(Mul x (Sigmoid x))", "(Silu x)",
          "x·σ(x) is SiLU: one kernel, one read of x"),
     Rule("sigmoid-silu-left", "cleanup", "(Mul (Sigmoid x) x)", "(Silu x)",
