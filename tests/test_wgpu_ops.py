@@ -305,10 +305,11 @@ def test_add_norm_computed_in_the_next_products_prologue(s, k, weighted, scaled,
 @settings(max_examples=5, deadline=None)
 @given(k=st.sampled_from([8, 64, 200]), n=st.integers(1, 40), source=st.sampled_from(["add_norm", "mul"]),
        softcap=st.sampled_from([None, 30.0]), dtype=st.sampled_from(["f32", "bf16", "q8", "q4"]))
+@example(k=2112, n=5, source="add_norm", softcap=None, dtype="bf16")     # rows too long for the one-token kernel
 def test_the_lm_head_reads_the_last_row_in_place(layout, s, k, n, source, softcap, dtype):
     """A final norm's LM head over last_row: the product reads row S - 1 of the source itself (no last_row
     dispatch), and on a CPU device with subgroups computes the add_norm it comes from in its prologue, that
-    row only, in every step (no add_norm dispatch)."""
+    row only, in every step (no add_norm dispatch), where a row fits the one-token kernel."""
     g = mn.Graph()
     h, y = g.input("h", (S, k)), g.input("y", (S, k))
     x = g.add_norm(h, y, g.parameter("w", (k,)), 1e-6, g.parameter("c", (1,))) if source == "add_norm" \
@@ -333,8 +334,8 @@ def test_the_lm_head_reads_the_last_row_in_place(layout, s, k, n, source, softca
         labels = [k.label for _, _, k in program._runner.dispatches if k.runs_for(s)]
     np.testing.assert_allclose(gpu["y"], ref["y"], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref["y"]).max())))
     assert "last_row" not in labels
-    folded = layout == "cpu" and source == "add_norm" and os.environ.get("MEGANEURA_DISABLE") is None
-    assert labels.count("add_norm") == (source == "add_norm" and not folded)
+    one_token_kernel = layout == "cpu" and k <= 2048 and os.environ.get("MEGANEURA_DISABLE") is None   # 8 lanes
+    assert labels.count("add_norm") == (source == "add_norm" and not one_token_kernel)
 
 @settings(max_examples=12, deadline=None)
 @given(s=st.integers(1, 150), k=st.integers(1, 80), n=st.integers(1, 150), lead=st.sampled_from([(), (2,)]),
