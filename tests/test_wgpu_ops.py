@@ -261,6 +261,24 @@ def test_decode_product_rows_in_pairs(n, k, lead):
         check(g, out, feed, params, rtol=1e-4)
 
 
+def run_unoptimized(g, feed, params, dtype, layout, s) -> list[str]:
+    """Run graph `g` (output "y") unoptimized on both backends with `params` stored as `dtype` (q8, q4:
+    quantized from f32) on `layout`, check the outputs agree, and return the labels of an s-token step's
+    dispatches."""
+    quantize = dtype if dtype in ("q8", "q4") else None
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", layout)
+        path = os.path.join(d, "w.safetensors")
+        write_safetensors(path, params)
+        weights = mn.open_weights(path)
+        program = mn.compile(g, backend="wgpu", optimize=False, quantize=quantize)
+        gpu = program.run(feed, weights)
+        ref = mn.compile(g, backend="numpy", optimize=False, quantize=quantize).run(feed, weights)
+        labels = [k.label for _, _, k in program._runner.dispatches if k.runs_for(s)]
+    np.testing.assert_allclose(gpu["y"], ref["y"], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref["y"]).max())))
+    return labels
+
+
 @pytest.mark.parametrize("s", [1, 3])
 @settings(max_examples=6, deadline=None)
 @given(k=st.sampled_from([8, 64, 200, 1024]), weighted=st.booleans(), scaled=st.booleans(),
@@ -285,17 +303,7 @@ def test_add_norm_computed_in_the_next_products_prologue(s, k, weighted, scaled,
               **({"w": (rand(k, seed=3), "bf16")} if weighted else {}),
               **({"c": (np.array([0.7], np.float32), "bf16")} if scaled else {})}
     feed = {"h": rand(s, k), "y": 3 * rand(s, k, seed=4)}
-    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEGANEURA_LAYOUT", "cpu")
-        path = os.path.join(d, "w.safetensors")
-        write_safetensors(path, params)
-        weights = mn.open_weights(path)
-        quantize = dtype if quantized else None
-        program = mn.compile(g, backend="wgpu", optimize=False, quantize=quantize)
-        gpu = program.run(feed, weights)
-        ref = mn.compile(g, backend="numpy", optimize=False, quantize=quantize).run(feed, weights)
-        labels = [k.label for _, _, k in program._runner.dispatches if k.runs_for(s)]
-    np.testing.assert_allclose(gpu["y"], ref["y"], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref["y"]).max())))
+    labels = run_unoptimized(g, feed, params, dtype, "cpu", s)
     folded = s == 1 and os.environ.get("MEGANEURA_DISABLE") is None
     assert labels.count("add_norm") == (1 if folded else 2)
 
@@ -322,20 +330,11 @@ def test_the_lm_head_reads_the_last_row_in_place(layout, s, k, n, source, softca
               "c": (np.array([0.7], np.float32), "bf16")}
     feed = {"h": rand(s, k), "y": 3 * rand(s, k, seed=4)}
     g.set_outputs({"y": out})
-    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEGANEURA_LAYOUT", layout)
-        path = os.path.join(d, "w.safetensors")
-        write_safetensors(path, params)
-        weights = mn.open_weights(path)
-        quantize = dtype if quantized else None
-        program = mn.compile(g, backend="wgpu", optimize=False, quantize=quantize)
-        gpu = program.run(feed, weights)
-        ref = mn.compile(g, backend="numpy", optimize=False, quantize=quantize).run(feed, weights)
-        labels = [k.label for _, _, k in program._runner.dispatches if k.runs_for(s)]
-    np.testing.assert_allclose(gpu["y"], ref["y"], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref["y"]).max())))
+    labels = run_unoptimized(g, feed, params, dtype, layout, s)
     assert "last_row" not in labels
     one_token_kernel = layout == "cpu" and k <= 2048 and os.environ.get("MEGANEURA_DISABLE") is None   # 8 lanes
     assert labels.count("add_norm") == (source == "add_norm" and not one_token_kernel)
+
 
 @settings(max_examples=12, deadline=None)
 @given(s=st.integers(1, 150), k=st.integers(1, 80), n=st.integers(1, 150), lead=st.sampled_from([(), (2,)]),

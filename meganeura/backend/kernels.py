@@ -1026,8 +1026,8 @@ def _stream_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: i
         fetched, group = 2 * token_block, ctx.subgroup_size        # two texels of f32 to a pack
         for c in range(-(-fetched // group)):
             e = f"min({c * group}u + sg_lane, {fetched - 1}u)"
-            body.append(f"            let v{c} = bitcast<vec4<f32>>(texel_a(({row(f'min(m0 + {e} / 2u, M - 1u)')} * PACKS + p) "
-                        f"* 2u + ({e} & 1u)));")
+            pack = f"{row(f'min(m0 + {e} / 2u, M - 1u)')} * PACKS + p"
+            body.append(f"            let v{c} = bitcast<vec4<f32>>(texel_a(({pack}) * 2u + ({e} & 1u)));")
     for t in T:
         if shared_x:
             lo, hi = divmod(2 * t, group), divmod(2 * t + 1, group)
