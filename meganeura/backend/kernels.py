@@ -1516,8 +1516,8 @@ def _cache_write(ctx, node_id, node: Node) -> list[Kernel]:
     if group[0] != node_id:
         return []
     kernel = _cache_writes(ctx, group)
-    reader = next((i for i in range(node_id + 1, len(ctx.graph)) if node_id in ctx.graph[i].inputs), None)
-    if reader is not None and sorted(_folded_cache_writes(ctx, reader) or ()) == group:
+    readers = _readers(ctx.graph, node_id)
+    if readers and sorted(_folded_cache_writes(ctx, readers[0]) or ()) == group:
         kernel = replace(kernel, tokens=(2, math.inf))      # a one-token step's are its attention's
     return [kernel]
 
