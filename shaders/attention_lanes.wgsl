@@ -31,9 +31,9 @@ fn q_value(q_base: u32, d: u32, r: f32, i: u32) -> f32 { return ${q_value}; }
 fn k_elem(k_base: u32, d: u32, r: f32) -> f32 { ${k_elem} }
 fn k_value(k_base: u32, d: u32, r: f32, j: u32) -> f32 { return ${k_value}; }
 
-@compute @workgroup_size(${wg})
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>${subgroup_args}) {
-    let lane = gid.y * nwg.x * ${wg}u + gid.x;
+// The work of attention lane `lane`; `writer`: whether it may store the step's key and value (where it
+// makes them), which of several workgroups computing the same lanes one does.
+fn attend(lane: u32, writer: bool${subgroup_args}) {
     let S = ${queries};
 ${lanes}
     let Tk = ${keys};
@@ -70,3 +70,4 @@ ${accumulate}
 ${fresh}
 ${epilogue}
 }
+${main}

@@ -11,6 +11,9 @@
 // A norm prologue is folded in as in stream.wgsl: 1/rms from the token's sum of squares scales the sums.
 // So may the add_norm the token comes from (Gemma's residual stream): the token is h + rms_norm(y) * w,
 // made in registers from h and y, and the first subgroup stores it for the add_norm's later readers.
+// Or the token is the output of the attention before the product: each workgroup first runs that
+// attention's lanes (`attend`, attention_lanes.wgsl; a decode step's attention is a subgroup's work) into
+// workgroup memory (`att`), and one of them stores the step's key and value.
 ${bindings}
 
 struct Pack { lo: vec4<f32>, hi: vec4<f32>, s: f32 }
@@ -33,6 +36,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let N = ${n}u;
     let K = PACKS * 8u;
     let first = ((wg.y * nwg.x + wg.x) * (WG / L) + li / L) * ROWS;
+${before}
     if (first >= N) { return; }             // the whole subgroup leaves: its subgroupAdds stay uniform
     let last = min(N, first + ROWS);
     for (var m = 0u; m < M; m = m + 1u) {      // the token's rows (one, but for a [S, ...] x of several)

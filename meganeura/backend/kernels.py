@@ -58,6 +58,16 @@ class Kernel:
         return self.tokens[0] <= tokens <= self.tokens[1]
 
 
+@dataclass(frozen=True)
+class LanePiece:
+    """An attention's one-token lanes as the product after it runs them (`_attention_reader`): the bindings
+    and helpers they need, the source defining `attend(lane, writer)`, and its output's floats (`att`)."""
+    bindings: list[Binding]
+    parts: list[str]
+    source: str
+    width: int
+
+
 class LoweringError(ValueError):
     """A graph cannot be lowered to this device (e.g. a tensor too large for a binding)."""
 
@@ -609,6 +619,51 @@ def _add_norm_reader(ctx, node_id: int) -> int | None:
     return first
 
 
+def _viewed(g: Graph, node_id: int) -> int:
+    """The node a chain of reshapes views."""
+    while g[node_id].op == "reshape":
+        node_id = g[node_id].inputs[0]
+    return node_id
+
+
+# Workgroup memory a product may give the attention output it computes (WebGPU's guaranteed minimum).
+ATTENTION_MEMORY = 16384
+
+
+def _attention_reader(ctx, node_id: int) -> int | None:
+    """The product that runs attention `node_id`'s one-token lanes in its own one-token kernel, or None.
+
+    On a CPU device a decode step's attention (at contexts of one split) is one subgroup's work: its lanes
+    are its heads, on one core, while the others idle, behind a dispatch's fixed 30-45 us. The product that
+    reads its output (the output projection) runs in workgroups of one subgroup too: each computes the
+    attention first, in parallel on every core, keeps the output in workgroup memory, and goes on to its
+    rows; one of them stores the step's key and value (`_folded_cache_writes`)."""
+    g = ctx.graph
+    node = g[node_id]
+    if node.op not in ("attention", "fused_attention") or ctx.layout != "cpu" or not ctx.subgroup_size:
+        return None
+    a = _attention_attrs(ctx, node)
+    lane_layout, splits = _lane_plan(ctx, a, g[node.inputs[1]], g[node.inputs[2]])
+    width = a["heads"] * a["head_dim"]
+    if (not lane_layout or splits > 1 or a["heads"] > GEMV_SUBGROUPS * ctx.subgroup_size
+            or 4 * width > ATTENTION_MEMORY or width % 8 or not _gemv_fits(ctx, width)):
+        return None
+    x, readers = node_id, _readers(g, node_id)
+    while len(readers) == 1 and g[readers[0]].op == "reshape" and x not in g.outputs:
+        x, readers = readers[0], _readers(g, readers[0])
+    if len(readers) != 1 or x in g.outputs:
+        return None
+    reader = g[readers[0]]
+    if (reader.op not in ("linear", "matmul") or reader.inputs[0] != x or x in reader.inputs[1:]
+            or (reader.op == "matmul" and not reader.attrs["transpose_b"])):
+        return None
+    w = g[reader.inputs[1]]
+    if (w.op != "parameter" or ctx.param_dtype(w.attrs["name"]) not in STREAMED_DTYPES
+            or len(ctx.param_windows(w.attrs["name"])) != 1):
+        return None
+    return readers[0]
+
+
 def _softmax(ctx, node_id, node: Node) -> list[Kernel]:
     n = node.shape[-1]
     body = """    var mx = -3.0e38;
@@ -818,6 +873,11 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
         else []
     parts = [*(act_fn(act) if act else ()), TANH if softcap is not None else ""]
     x_id, row0 = shared[0].ref.key, ""
+    attention = None
+    source = _viewed(ctx.graph, x_id)
+    if _attention_reader(ctx, source) == node_id:
+        node = ctx.graph[source]
+        attention = _attend(ctx, source, node.inputs, _attention_attrs(ctx, node), node.op, piece=True)
     if ctx.graph[x_id].op == "last_row" and _last_row_reader(ctx, x_id) == node_id:
         x_id, row0 = ctx.graph[x_id].inputs[0], "step.S - 1u"        # the source's last row, in place
         shared[0] = replace(ctx.value(x_id, "a"), name=shared[0].name)
@@ -840,7 +900,8 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
                 kernel = _gemv_kernel(ctx, label, [prologue[0], *bindings[1:], *prologue[1:]], parts, x, k,
                                       n, r0, epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
                                       weighted=norm_w is not None,
-                                      add_norm=ctx.graph[x_id].attrs if folded else None, row0=row0)
+                                      add_norm=ctx.graph[x_id].attrs if folded else None, row0=row0,
+                                      attention=attention)
             else:
                 kernel = _stream_kernel(ctx, label, bindings, parts, x, k, n, r0, tokens, rows, token_block,
                                         epilogue, out_stride, gated=act is not None, norm=norm, eps=eps,
@@ -871,11 +932,12 @@ def _gemv_fits(ctx, k: int) -> bool:
 
 def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int, epilogue: list[str],
                  out_stride: int, *, gated: bool, norm, eps: float, weighted: bool, add_norm: dict | None = None,
-                 row0: str = "") -> Kernel:
+                 row0: str = "", attention: LanePiece | None = None) -> Kernel:
     """The one-token variant of a streamed product on a CPU device with subgroups (gemv_subgroup.wgsl).
     With `add_norm` (its attrs) the token is that of an add_norm (`_add_norm_reader`), computed from the
     bindings h, add_y, add_w, add_s here, and stored to add_out where that is bound. With `row0` the
-    token's rows are read from that row of the inputs on (a last_row read in place)."""
+    token's rows are read from that row of the inputs on (a last_row read in place). With `attention` the
+    token is that attention's output, computed by each workgroup (`_attention_reader`)."""
     lanes, packs, w = ctx.subgroup_size, k // 8, bindings[1]
     # A lane's step: a pack, or a whole texel of a quantized weight in a texture (2 q8 or 4 q4 packs under
     # one scale), so that no lane picks its words out of a texel by a lane-varying index (a scalar loop).
@@ -985,8 +1047,16 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
     store = finish("total", "n", "total_up * r") if not paired else \
         finish("total", "n", "0.0") + "\n" + finish("total_up", "n + N", "0.0")
     blocks = -(-n // rows)
+    prelude, before = helpers(*parts), ""
+    if attention is not None:
+        bindings = [b for b in bindings if b.name != "a"] + attention.bindings
+        prelude = "\n".join([helpers(*parts, *attention.parts), attention.source,
+                             f"var<workgroup> att: array<vec4<f32>, {attention.width // 4}>;",
+                             "fn pack_a(i: u32) -> Pack { return Pack(att[2u * i], att[2u * i + 1u], 1.0); }"])
+        before = "    attend(li, wg.x == 0u && wg.y == 0u);\n    workgroupBarrier();"
+        label = f"attention_{label}"
     kernel = _kernel(ctx, f"{label}_gemv", "gemv_subgroup", bindings, lambda s: grid_1d(blocks * lanes, wg),
-                     prelude=helpers(*parts), wg=wg, lanes=lanes, packs=packs, steps=steps, rows=rows,
+                     prelude=prelude, before=before, wg=wg, lanes=lanes, packs=packs, steps=steps, rows=rows,
                      m=f"({numel(x.shape)} / {k}u)", n=n, col0=col0, out_stride=out_stride,
                      total_up="subgroupAdd(up)" if gated or paired else "0.0", store=store,
                      load_x="\n".join(load_x), row_scale=row_scale, body="\n".join(body))
@@ -1161,14 +1231,19 @@ def _row_width(node: Node) -> int:
 
 
 def _attention(ctx, node_id, node: Node) -> list[Kernel]:
+    return _attend(ctx, node_id, node.inputs, _attention_attrs(ctx, node), node.op)
+
+
+_fused_attention = _attention
+
+
+def _attention_attrs(ctx, node: Node) -> dict:
+    """A fused_attention's attrs, or those an attention's plain [tokens, heads, head_dim] inputs have."""
+    if node.op == "fused_attention":
+        return node.attrs
     q, k = ctx.graph[node.inputs[0]], ctx.graph[node.inputs[1]]
-    plain = dict(heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[2], q_at=0, k_at=0, v_at=0, norms=0,
-                 eps=0.0, rope=None, cached=len(node.inputs) == 4)
-    return _attend(ctx, node_id, node.inputs, {**node.attrs, **plain}, "attention")
-
-
-def _fused_attention(ctx, node_id, node: Node) -> list[Kernel]:
-    return _attend(ctx, node_id, node.inputs, node.attrs, "fused_attention")
+    return {**node.attrs, **dict(heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[2], q_at=0, k_at=0,
+                                 v_at=0, norms=0, eps=0.0, rope=None, cached=len(node.inputs) == 4)}
 
 
 # 1/rms of a head from its sum of squares and an eps (D is a template constant, EPS the attention's eps).
@@ -1182,10 +1257,10 @@ def _head_rms(target: str, ss: str, load: str, indent: str, eps: str = "EPS") ->
             f"{indent}{target} = {HEAD_RMS.format(ss, eps)};")
 
 
-def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
+def _attend(ctx, node_id, inputs, a: dict, label: str, piece: bool = False) -> list[Kernel] | LanePiece:
     """Attention over heads read at column offsets of [tokens, row] tensors (the fused_attention attrs):
     attention_lanes.wgsl on a CPU device and for a GPU's decode steps with subgroups, attention.wgsl
-    elsewhere."""
+    elsewhere. `piece`: the one-token lanes as a product's prologue runs them (`_attention_reader`)."""
     q, k, v = (ctx.graph[j] for j in inputs[:3])
     nh, nkv, d = a["heads"], a["kv_heads"], a["head_dim"]
     norms, extra = a["norms"], list(inputs[3:])
@@ -1208,7 +1283,7 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     if softcap:
         parts.append(TANH)
     cached = a["cached"]
-    subs = dict(prelude=helpers(*parts), head_dim=d, half=d // 2, eps=lit(a["eps"]), queries=dim(q.shape[0]),
+    subs = dict(prelude=helpers(*parts), parts=parts, head_dim=d, half=d // 2, eps=lit(a["eps"]), queries=dim(q.shape[0]),
                 keys="(step.start + step.S)" if cached else dim(k.shape[0]),
                 slot=f"j % {k.shape[0]}u" if cached else "j", group=nh // nkv, q_row=_row_width(q),
                 k_row=_row_width(k), v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"],
@@ -1216,8 +1291,12 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
     lane_layout, splits = _lane_plan(ctx, a, k, v)
     fold = _folded_cache_writes(ctx, node_id)
     if ctx.layout == "cpu" and lane_layout:
-        return _with_fold(_attend_lanes(ctx, node_id, label, bindings, a, splits, subs),
-                          fold and _attend_lanes(ctx, node_id, label, bindings, a, splits, subs, fold=fold))
+        if piece:
+            return _attend_lanes(ctx, node_id, label, bindings, a, splits, subs, fold=fold, piece=True)
+        one_token = fold and _attend_lanes(ctx, node_id, label, bindings, a, splits, subs, fold=fold)
+        if _attention_reader(ctx, node_id) is not None:
+            one_token = []          # the product after it attends in its one-token kernel
+        return _with_fold(_attend_lanes(ctx, node_id, label, bindings, a, splits, subs), one_token)
     # attention.wgsl: q is staged in workgroup memory (q_raw), its norm reduced across the workgroup.
     q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
     if norms & 1:
@@ -1258,19 +1337,21 @@ def _attend(ctx, node_id, inputs, a: dict, label: str) -> list[Kernel]:
 
 
 def _with_fold(kernels: list[Kernel], folded: list[Kernel] | None) -> list[Kernel]:
-    """An attention's kernels, the one-token step left to `folded` (its kernel that writes the cache too)."""
-    if not folded:
+    """An attention's kernels, the one-token step left to `folded` (its kernel that writes the cache too, or
+    none where a product runs it); with None, as they are."""
+    if folded is None:
         return kernels
     later = [replace(k, tokens=(max(2, k.tokens[0]), k.tokens[1])) for k in kernels]
     return [k for k in later if k.tokens[0] <= k.tokens[1]] + [replace(k, tokens=(1, 1)) for k in folded]
 
 
-def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict,
-                  decode_only: bool = False, fold: tuple[int, int] | None = None) -> list[Kernel]:
+def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict, decode_only: bool = False,
+                  fold: tuple[int, int] | None = None, piece: bool = False) -> list[Kernel] | LanePiece:
     """attention_lanes.wgsl: the same attention (and split records) with a lane per (query, head, split).
     `decode_only`: just the kernel of steps of up to SPLIT_TOKENS tokens that splits one query's keys across
     a subgroup (a GPU's decode attention; its caller checks that a subgroup fits GPU_LANES_WG).
-    `fold` (`_folded_cache_writes`): just the kernel of one-token steps, which writes the cache too."""
+    `fold` (`_folded_cache_writes`): just the kernel of one-token steps, which writes the cache too.
+    `piece`: the one-token lanes of `splits` 1 as a product's prologue runs them (`_attention_reader`)."""
     nh, d, norms = a["heads"], a["head_dim"], a["norms"]
     wg = GPU_LANES_WG if decode_only else LANES_WG
     # Statements over a head's quads are written out, not looped: a GPU then has every quad's loads in
@@ -1316,6 +1397,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     if fold:
         per_lane["end_key"] = "min(hi, qi)"      # the step's own key is `fresh`
     common = {**subs, **per_lane, "prelude": helpers(subs["prelude"], *quads, *fresh_parts), "fresh": fresh,
+              "main": _lanes_main(wg),
               "heads": nh, "quads": d // 4,
               "q_rms": q_rms, "q_elem": q_elem, "q_value": q_value, "k_elem": k_elem, "k_value": k_value,
               "score": "\n".join(score), "v_rms": v_rms, "load_q": each_quad(
@@ -1328,6 +1410,10 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
 
     lanes = lambda per_query: lambda s: grid_1d(s * per_query, wg)
     sub = ctx.subgroup_size
+    if piece:
+        att = each_quad("att[(i * HEADS + h) * (D / 4u) + @c] = acc[@c] / l_run;", "    ")
+        source = render("attention_lanes", bindings="", **{**common, "main": "", "splits": 1, "epilogue": att})
+        return LanePiece(bindings, [*subs["parts"], *quads, *fresh_parts], source, nh * d)
 
     def subgroup_split() -> Kernel:
         # The lanes of a subgroup share the keys (lanes in step walk equal shares) and merge their online
@@ -1356,7 +1442,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         broadcast = lambda name, c: f"subgroupBroadcast({name}t{c // sub}, {c % sub}u)"
         longer = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)],
                          lambda s: grid_1d(-(-s // sub) * sub * nh, wg), splits=1, wg=wg, **{
-                             **common, "subgroup_args": ", @builtin(subgroup_invocation_id) sg_lane: u32",
+                             **common, "subgroup_args": ", sg_lane: u32", "main": _lanes_main(wg, sg_lane=True),
                              "lanes": f"    let h = (lane / {sub}u) % HEADS;     // query head\n"
                                       f"    let row = lane / (HEADS * {sub}u) * {sub}u + lane % {sub}u;\n"
                                       "    let i = min(row, S - 1u);            // query row (past S, row S - 1 again)",
@@ -1384,6 +1470,14 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                        **{**common, "key_bounds": split_bounds})
     return [replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
             _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
+
+
+def _lanes_main(wg: int, sg_lane: bool = False) -> str:
+    """attention_lanes.wgsl's entry point: an invocation a lane, each its lane's writer."""
+    builtin = ", @builtin(subgroup_invocation_id) sg_lane: u32" if sg_lane else ""
+    return (f"@compute @workgroup_size({wg})\nfn main(@builtin(global_invocation_id) gid: vec3<u32>, "
+            f"@builtin(num_workgroups) nwg: vec3<u32>{builtin}) {{\n"
+            f"    attend(gid.y * nwg.x * {wg}u + gid.x, true{', sg_lane' * sg_lane});\n}}")
 
 
 def _fresh_kv(ctx, fold: tuple[int, int], bindings: list[Binding], a: dict, subs: dict, each_quad
@@ -1433,7 +1527,7 @@ def _fresh_kv(ctx, fold: tuple[int, int], bindings: list[Binding], a: dict, subs
         "        let m_new = max(m_run, s);\n        let correction = exp(m_run - m_new);",
         "        let p = exp(s - m_new);\n        l_run = l_run * correction + p;\n        m_run = m_new;",
         each_quad("acc[@c] = fma(vf[@c], vec4<f32>(p), acc[@c] * correction);"),
-        f"        if (h % {a['heads'] // kv_heads}u == 0u) {{",
+        f"        if (writer && h % {a['heads'] // kv_heads}u == 0u) {{",
         f"            let at = ((step.start + i) % {slots}u * {kv_heads * d}u + g * D) / 4u;",
         *(each_quad(line, "            ") for line in stores), "        }", "    }"])
     return bindings, parts, block
