@@ -638,6 +638,59 @@ def test_split_attention_over_a_cache(kv, group, half, window, pad, q_norm, k_no
         assert split[0].grid(1)[2] == splits or f"const SPLITS: u32 = {splits}u;" in split[0].source
 
 
+@settings(max_examples=8, deadline=None)
+@given(kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 3]), half=st.sampled_from([2, 4, 8, 16]),
+       window=st.one_of(st.none(), st.integers(1, 6)), q_norm=st.booleans(), k_norm=st.sampled_from([None, "unit"]),
+       rope=st.booleans(), softcap=st.sampled_from([None, 3.0]), reader=st.sampled_from(["linear", "matmul"]),
+       n=st.integers(1, 40), also_output=st.booleans(), dtype=st.sampled_from(["f32", "bf16", "q8", "q4"]),
+       steps=st.lists(st.sampled_from([1, 1, 1, 2]), min_size=3, max_size=8))
+@example(kv=4, group=2, half=16, window=None, q_norm=False, k_norm=None, rope=True, softcap=None, reader="linear",
+         n=40, also_output=False, dtype="bf16", steps=[1, 1, 1])        # llama's decode step
+def test_the_output_projection_runs_a_decode_steps_attention(kv, group, half, window, q_norm, k_norm, rope, softcap,
+                                                            reader, n, also_output, dtype, steps):
+    """On a CPU device with subgroups, a one-token step's attention (of up to a subgroup of heads, keys in one
+    split) runs in the workgroups of the product that reads it (no attention dispatch): each computes it,
+    one stores the step's key and value (normed and rotated), over rings that wrap. Every step's output equals the reference's. Not where the attention's output
+    is read elsewhere too (a graph output)."""
+    from meganeura.backend import kernels
+    d, nh = 2 * half, kv * group
+    slots = 5 + sum(steps) if window is None else window + 4
+    g = mn.Graph()
+    pos = g.input("start_pos", (), "i32", default=0)
+    x, h = g.input("x", (S, (nh + 2 * kv) * d)), g.input("h", (S, n))
+    table = (tuple(np.abs(rand(d // 2, seed=7)).tolist()), 1.1) if rope else None
+    kc = g.cache_write(g.state("k_cache", (slots, kv, d)), x, pos, at=nh * d, norm=k_norm, eps=1e-6, rope=table)
+    vc = g.cache_write(g.state("v_cache", (slots, kv, d)), x, pos, at=(nh + kv) * d)
+    att = g.fused_attention(x, kc, vc, heads=nh, kv_heads=kv, head_dim=d, norms=int(q_norm), eps=1e-6,
+                            q_norm_w=g.parameter("qn", (d,)) if q_norm else None, pos=pos, rope=table,
+                            scale=d ** -0.5, window=window, softcap=softcap, cached=True)
+    flat, p = g.reshape(att, (S, nh * d)), g.parameter("p", (n, nh * d))
+    y = g.fused_linear(flat, p, residual=h) if reader == "linear" else g.matmul(flat, p, transpose_b=True)
+    g.set_outputs({"y": y, **({"att": att} if also_output else {})})
+    quantize = dtype if dtype in ("q8", "q4") else None
+    params = {"p": (rand(n, nh * d, seed=1) / np.sqrt(nh * d), "f32" if quantize else dtype),
+              "qn": (1 + rand(d, seed=6) / 4, "bf16")}
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGANEURA_LAYOUT", "cpu")
+        path = os.path.join(tmp, "w.safetensors")
+        write_safetensors(path, params)
+        weights = mn.open_weights(path)
+        gpu, ref = (mn.compile(g, backend=b, optimize=False, quantize=quantize) for b in ("wgpu", "numpy"))
+        at = 0
+        for step, s in enumerate([5, *steps]):
+            feed = {"x": rand(s, (nh + 2 * kv) * d, seed=step), "h": rand(s, n, seed=50 + step), "start_pos": at}
+            want = ref.run(feed, weights)["y"]
+            np.testing.assert_allclose(gpu.run(feed, weights)["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                       err_msg=f"step of {s} at position {at}")
+            at += s
+    sub = gpu._runner.dev.subgroup_size
+    fused = sub > 0 and nh <= sub and d % 4 == 0 and nh * d % 8 == 0 and not also_output
+    labels = [k.label for _, _, k in gpu._runner.dispatches if k.runs_for(1)]
+    assert labels.count("fused_attention") == (not fused)
+    assert labels.count(f"attention_{reader}_gemv") == fused
+    assert labels.count(f"{reader}_gemv") == (sub > 0 and nh * d % 8 == 0 and not fused)
+
+
 @pytest.mark.skipif(bool(os.environ.get("PYTEST_XDIST_WORKER")),
                     reason="counts the ops that every test of this module ran, in one process")
 def test_every_op_is_covered():
