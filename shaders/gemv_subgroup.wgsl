@@ -3,10 +3,10 @@
 // (lane l takes packs l, l + L, ..., or texels of 2 or 4 quantized packs), so together they read a row as
 // one contiguous run. Each lane loads its share of the token's packs once, into registers, before the
 // rows: the activation is read once per subgroup, not once per weight row (stream.wgsl), so it comes
-// straight from its storage buffer and the reads left are the weight's. A subgroup walks a range of rows; each row's partial sums are added across
-// it (subgroupAdd) and lane 0 stores the row; a gated product walks its gate and up rows together, and
-// others with short rows walk rows n and n + N together (N then half the outputs), for more loads in
-// flight. Subgroups are consecutive runs of L local invocations.
+// straight from its storage buffer and the reads left are the weight's. A subgroup walks a range of rows;
+// each row's partial sums are added across it (subgroupAdd) and lane 0 stores the row; a gated product
+// walks its gate and up rows together, and others with short rows walk rows n and n + N together (N then
+// half the outputs), for more loads in flight. Subgroups are consecutive runs of L local invocations.
 // A step of one token may still hold several rows (x [S, 2, K]): they take turns.
 // A norm prologue is folded in as in stream.wgsl: 1/rms from the token's sum of squares scales the sums.
 // So may the add_norm the token comes from (Gemma's residual stream): the token is h + rms_norm(y) * w,

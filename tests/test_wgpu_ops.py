@@ -678,7 +678,8 @@ def test_the_output_projection_runs_a_decode_steps_attention(kv, group, half, wi
         gpu, ref = (mn.compile(g, backend=b, optimize=False, quantize=quantize) for b in ("wgpu", "numpy"))
         at = 0
         for step, s in enumerate([5, *steps]):
-            feed = {"x": rand(s, (nh + 2 * kv) * d, seed=step), "h": rand(s, n, seed=50 + step), "start_pos": at}
+            feed = {"x": rand(s, (nh + 2 * kv) * d, seed=step), "h": rand(s, n, seed=50 + step),
+                    "start_pos": at}
             want = ref.run(feed, weights)["y"]
             np.testing.assert_allclose(gpu.run(feed, weights)["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
                                        err_msg=f"step of {s} at position {at}")

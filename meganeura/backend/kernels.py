@@ -1234,8 +1234,6 @@ def _attention(ctx, node_id, node: Node) -> list[Kernel]:
     return _attend(ctx, node_id, node.inputs, _attention_attrs(ctx, node), node.op)
 
 
-_fused_attention = _attention
-
 
 def _attention_attrs(ctx, node: Node) -> dict:
     """A fused_attention's attrs, or those an attention's plain [tokens, heads, head_dim] inputs have."""
@@ -1283,7 +1281,8 @@ def _attend(ctx, node_id, inputs, a: dict, label: str, piece: bool = False) -> l
     if softcap:
         parts.append(TANH)
     cached = a["cached"]
-    subs = dict(prelude=helpers(*parts), parts=parts, head_dim=d, half=d // 2, eps=lit(a["eps"]), queries=dim(q.shape[0]),
+    subs = dict(prelude=helpers(*parts), parts=parts, head_dim=d, half=d // 2, eps=lit(a["eps"]),
+                queries=dim(q.shape[0]),
                 keys="(step.start + step.S)" if cached else dim(k.shape[0]),
                 slot=f"j % {k.shape[0]}u" if cached else "j", group=nh // nkv, q_row=_row_width(q),
                 k_row=_row_width(k), v_row=_row_width(v), q_at=a["q_at"], k_at=a["k_at"], v_at=a["v_at"],
@@ -1803,5 +1802,5 @@ LOWERINGS = {
     "last_row": _last_row, "argmax": _argmax,
     "rms_norm": _rms_norm, "softmax": _softmax, "topk_route": _topk_route, "add_norm": _add_norm,
     "matmul": _matmul, "linear": _linear, "embedding": _embedding, "moe": _moe,
-    "attention": _attention, "fused_attention": _fused_attention, "cache_write": _cache_write,
+    "attention": _attention, "fused_attention": _attention, "cache_write": _cache_write,
 }
