@@ -18,7 +18,8 @@ from .roofline import decode_bytes, step_flops
 
 ROUNDS = 6                   # each timed sequence runs this often (at least 2: the first prompt is cold);
                              # the fastest run counts, as other work on the machine only ever slows one
-                             # (the ceilings keep the best of 6-9 timings of each variant: as many tries)
+                             # (the ceilings are timed again after each run and keep their best: as many
+                             # tries, over the same stretch of time)
 
 
 def _random_checkpoint(config_path: str, dest: str, seed: int = 0) -> None:
@@ -54,11 +55,11 @@ def _sig(x: float, digits: int = 4) -> float:
     return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
 
 
-def _sequence(model, prompt, new_tokens: int) -> dict:
+def _sequence(model, prompt, new_tokens: int, between=None) -> dict:
     """Time a greedy sequence through the model's generating program, ROUNDS times from a fresh cache:
     the first prompt (cold: pipelines are built at the first step), the best prompt, and the decode steps
     (as generation runs them, queued ahead of their read-back) of the faster round with the host time
-    spent preparing them."""
+    spent preparing them. `between()` runs after each round."""
     session = model.session()
     runner = model.decoder._runner
     prefill, best = [], None
@@ -75,6 +76,8 @@ def _sequence(model, prompt, new_tokens: int) -> dict:
         encode = runner.encode_s - encoded if runner is not None else math.nan
         if best is None or decode < best[0]:
             best = (decode, encode)
+        if between is not None:
+            between()
     decode, encode = best
     return {"ttft_s": prefill[0], "prefill_s": min(prefill[1:]), "decode_s": decode / new_tokens,
             "encode_fraction": encode / decode}
@@ -170,8 +173,12 @@ def _bench(path: str, prompt_len: int, new_tokens: int, backend: str, quantize: 
     m = load_model(path, backend=backend, context=context, chunk=prompt_len, quantize=quantize)
     prompt = np.random.default_rng(0).integers(0, m.config.vocab_size, prompt_len)
     decoder = m.decoder                               # optimize, compile, upload (timed in m.times)
-    run = _sequence(m, prompt, new_tokens)
     graph, runner = decoder.graph, decoder._runner
+    ceiling_rounds = []
+    if runner is not None:
+        from .backend import ceilings
+        ceiling_rounds = [ceilings.stream_read_rounds(runner.dev), ceilings.fma_rounds(runner.dev)]
+    run = _sequence(m, prompt, new_tokens, between=lambda: [round_() for round_ in ceiling_rounds])
     # The decode steps run at positions prompt_len .. prompt_len + new_tokens - 1: their mean bytes.
     formats = ({n: w.fmt for n, w in runner.params.items() if w.fmt} if runner is not None
                else quant.plan(graph, quantize))
@@ -185,11 +192,7 @@ def _bench(path: str, prompt_len: int, new_tokens: int, backend: str, quantize: 
     plain_runner = plain.decoder._runner
     del plain
 
-    read, gflops = {}, {}
-    if runner is not None:
-        from .backend import ceilings
-        read = ceilings.stream_read(runner.dev)
-        gflops = ceilings.fma_gflops(runner.dev)
+    read, gflops = [round_() for round_ in ceiling_rounds] or [{}, {}]
     ref = torch_sequence(path, prompt, new_tokens)
 
     decode_tps = _sig(1 / run["decode_s"])

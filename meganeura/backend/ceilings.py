@@ -4,11 +4,14 @@ A speed is only meaningful against what the device can do at all, so `meganeura 
 against the streaming-read ceiling and prefill against the arithmetic ceiling, both measured in the same
 run. Each ceiling is the best of a few variants of one template (access patterns for reads, independent
 fma chains for arithmetic): the fastest variant differs by device, and a ceiling set by a slow variant
-would flatter every ratio taken against it.
+would flatter every ratio taken against it. So would one timed only while other work held the machine:
+`stream_read_rounds` and `fma_rounds` time their variants a round at a time, between the timed runs of a
+model, so that the best of each is taken over the same stretch of time.
 """
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -74,15 +77,17 @@ def _kernel(gpu, source: str, buffers):
     return pipe, group
 
 
-def _best_rates(dev: Device, variants: dict, sink, rounds: int = 2) -> dict:
-    """{variant: work per second} of variants {name: (pipeline, bind group, workgroups, work per dispatch)},
-    each timed once per round and its best kept: rounds interleave the variants, so a moment of
-    interference from other processes does not decide which one wins."""
+def _rates(dev: Device, variants: dict, sink) -> Callable[[], dict]:
+    """A round of variants {name: (pipeline, bind group, workgroups, work per dispatch)}: a function that
+    times each once more and returns {variant: best work per second so far}. Rounds interleave the
+    variants, so a moment of interference from other processes does not decide which one wins."""
     best = {name: 0.0 for name in variants}
-    for _ in range(rounds):
+
+    def round_() -> dict:
         for name, (pipe, group, groups, work) in variants.items():
             best[name] = max(best[name], work / _seconds_per_dispatch(dev, pipe, group, groups, sink))
-    return best
+        return dict(best)
+    return round_
 
 
 def _chains(n: int, first: str, step: str, join: str, kind: str = "vec4<f32>") -> tuple[str, str, str]:
@@ -93,9 +98,10 @@ def _chains(n: int, first: str, step: str, join: str, kind: str = "vec4<f32>") -
     return declare, body, total
 
 
-def stream_read(device: Device | None = None, nbytes: int = 256 << 20) -> dict[str, float]:
+def stream_read_rounds(device: Device | None = None, nbytes: int = 256 << 20) -> Callable[[], dict[str, float]]:
     """GB/s of each READ_PATTERNS variant reading one buffer of up to `nbytes` (the bound a weight-streaming
-    decode step can reach): {pattern: GB/s}."""
+    decode step can reach), a round at a time: a function that times each variant once more and returns
+    the best of each so far, {pattern: GB/s}."""
     import wgpu
 
     dev = device or open_device()
@@ -139,15 +145,17 @@ def stream_read(device: Device | None = None, nbytes: int = 256 << 20) -> dict[s
                         declare=declare, body=body, unroll=unroll, reduce=_horizontal(f"({total})", op))
         variants[name] = _kernel(gpu, source, [texture if textured else data, sink]) + (invocations // WG,
                                                                                       nbytes / 1e9)
-    return _best_rates(dev, variants, sink, rounds=3)
+    return _rates(dev, variants, sink)
 
 
 def _horizontal(v: str, op: str) -> str:
     return f" {op} ".join(f"{v}.{c}" for c in "xyzw")
 
 
-def fma_gflops(device: Device | None = None, groups: int = 1024, iterations: int = 64) -> dict[int, float]:
-    """GFLOP/s of the fma kernel for each FMA_CHAINS variant: {chains: GFLOP/s}."""
+def fma_rounds(device: Device | None = None, groups: int = 1024, iterations: int = 64
+               ) -> Callable[[], dict[int, float]]:
+    """GFLOP/s of the fma kernel for each FMA_CHAINS variant, a round at a time (as `stream_read_rounds`):
+    {chains: GFLOP/s}."""
     import wgpu
 
     dev = device or open_device()
@@ -161,4 +169,4 @@ def fma_gflops(device: Device | None = None, groups: int = 1024, iterations: int
         source = render("fma", wg=WG, iterations=iterations, declare=declare, body=body,
                         reduce=_horizontal(f"({total})", "+"))
         variants[chains] = _kernel(gpu, source, [sink]) + (groups, invocations * iterations * chains * 8 / 1e9)
-    return _best_rates(dev, variants, sink)
+    return _rates(dev, variants, sink)

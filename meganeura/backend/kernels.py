@@ -160,7 +160,7 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
 # A texture holds a buffer's bytes in order, 16 to a texel (rgba32uint), TEXEL_ROW texels to a row: texel t
 # is at (t % TEXEL_ROW, t / TEXEL_ROW). Lavapipe fetches texels with plain vector loads but reads a storage
 # buffer one lane at a time behind a branch, so on a CPU device weights and the activations a GEMM streams
-# are read through textures (several times faster, see stream_read in meganeura.backend.ceilings). They are
+# are read through textures (several times faster, see stream_read_rounds in meganeura.backend.ceilings). They are
 # bound as read-only storage textures, not sampled ones: a storage texture has no mip levels, so a fetch
 # skips the level's lookups and clamps, and lavapipe streams it about 1.5x faster.
 TEXEL_ROW = 4096
