@@ -650,9 +650,8 @@ def test_the_output_projection_runs_a_decode_steps_attention(kv, group, half, wi
                                                             reader, n, also_output, dtype, steps):
     """On a CPU device with subgroups, a one-token step's attention (of up to a subgroup of heads, keys in one
     split) runs in the workgroups of the product that reads it (no attention dispatch): each computes it,
-    one stores the step's key and value (normed and rotated), over rings that wrap. Every step's output equals the reference's. Not where the attention's output
-    is read elsewhere too (a graph output)."""
-    from meganeura.backend import kernels
+    one stores the step's key and value (normed and rotated), over rings that wrap. Every step's output
+    equals the reference's. Not where the attention's output is read elsewhere too (a graph output)."""
     d, nh = 2 * half, kv * group
     slots = 5 + sum(steps) if window is None else window + 4
     g = mn.Graph()

@@ -160,9 +160,9 @@ def declare(bindings: list[Binding], has_f16: bool) -> str:
 # A texture holds a buffer's bytes in order, 16 to a texel (rgba32uint), TEXEL_ROW texels to a row: texel t
 # is at (t % TEXEL_ROW, t / TEXEL_ROW). Lavapipe fetches texels with plain vector loads but reads a storage
 # buffer one lane at a time behind a branch, so on a CPU device weights and the activations a GEMM streams
-# are read through textures (several times faster, see stream_read_rounds in meganeura.backend.ceilings). They are
-# bound as read-only storage textures, not sampled ones: a storage texture has no mip levels, so a fetch
-# skips the level's lookups and clamps, and lavapipe streams it about 1.5x faster.
+# are read through textures (several times faster, see stream_read_rounds in meganeura.backend.ceilings).
+# They are bound as read-only storage textures, not sampled ones: a storage texture has no mip levels, so a
+# fetch skips the level's lookups and clamps, and lavapipe streams it about 1.5x faster.
 TEXEL_ROW = 4096
 
 
@@ -447,6 +447,13 @@ def _readers(g: Graph, node_id: int) -> list[int]:
     return [i for i in range(node_id + 1, len(g.nodes)) if node_id in g[i].inputs]
 
 
+def _streamed_weight(ctx, product: Node) -> str | None:
+    """The name of `product`'s weight where it is a parameter that the streamed variants read, else None."""
+    w = ctx.graph[product.inputs[1]]
+    name = w.attrs["name"] if w.op == "parameter" else None
+    return name if name is not None and ctx.param_dtype(name) in STREAMED_DTYPES else None
+
+
 def _last_row_reader(ctx, node_id: int) -> int | None:
     """The streamed product that reads last_row `node_id` in place (row S - 1 of its source), or None.
 
@@ -462,9 +469,7 @@ def _last_row_reader(ctx, node_id: int) -> int | None:
     x = g[g[node_id].inputs[0]]
     if reader.op != "linear" or reader.inputs[0] != node_id or node_id in reader.inputs[1:] or reader.attrs["act"]:
         return None
-    w = g[reader.inputs[1]]
-    if (x.shape[-1] % 8 or x.op in ("input", "parameter", "state") or w.op != "parameter"
-            or ctx.param_dtype(w.attrs["name"]) not in STREAMED_DTYPES):
+    if x.shape[-1] % 8 or x.op in ("input", "parameter", "state") or _streamed_weight(ctx, reader) is None:
         return None
     return readers[0]
 
@@ -612,9 +617,7 @@ def _add_norm_reader(ctx, node_id: int) -> int | None:
     k = node.shape[1]
     if reader.op != "linear" or reader.inputs[0] != x or node_id in reader.inputs[1:]:
         return None
-    w = g[reader.inputs[1]]
-    if (k % 8 or not _gemv_fits(ctx, k) or w.op != "parameter"
-            or ctx.param_dtype(w.attrs["name"]) not in STREAMED_DTYPES):
+    if k % 8 or not _gemv_fits(ctx, k) or _streamed_weight(ctx, reader) is None:
         return None
     return first
 
@@ -657,9 +660,8 @@ def _attention_reader(ctx, node_id: int) -> int | None:
     if (reader.op not in ("linear", "matmul") or reader.inputs[0] != x or x in reader.inputs[1:]
             or (reader.op == "matmul" and not reader.attrs["transpose_b"])):
         return None
-    w = g[reader.inputs[1]]
-    if (w.op != "parameter" or ctx.param_dtype(w.attrs["name"]) not in STREAMED_DTYPES
-            or len(ctx.param_windows(w.attrs["name"])) != 1):
+    weight = _streamed_weight(ctx, reader)
+    if weight is None or len(ctx.param_windows(weight)) != 1:
         return None
     return readers[0]
 
@@ -1234,7 +1236,6 @@ def _attention(ctx, node_id, node: Node) -> list[Kernel]:
     return _attend(ctx, node_id, node.inputs, _attention_attrs(ctx, node), node.op)
 
 
-
 def _attention_attrs(ctx, node: Node) -> dict:
     """A fused_attention's attrs, or those an attention's plain [tokens, heads, head_dim] inputs have."""
     if node.op == "fused_attention":
@@ -1395,7 +1396,8 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         "acc[@c] = fma(v4(v_base / 4u + @c), vec4<f32>(p), acc[@c] * correction);")}
     if fold:
         per_lane["end_key"] = "min(hi, qi)"      # the step's own key is `fresh`
-    common = {**subs, **per_lane, "prelude": helpers(subs["prelude"], *quads, *fresh_parts), "fresh": fresh,
+    parts = [*subs["parts"], *quads, *fresh_parts]
+    common = {**subs, **per_lane, "prelude": helpers(*parts), "fresh": fresh,
               "main": _lanes_main(wg),
               "heads": nh, "quads": d // 4,
               "q_rms": q_rms, "q_elem": q_elem, "q_value": q_value, "k_elem": k_elem, "k_value": k_value,
@@ -1412,7 +1414,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     if piece:
         att = each_quad("att[(i * HEADS + h) * (D / 4u) + @c] = acc[@c] / l_run;", "    ")
         source = render("attention_lanes", bindings="", **{**common, "main": "", "splits": 1, "epilogue": att})
-        return LanePiece(bindings, [*subs["parts"], *quads, *fresh_parts], source, nh * d)
+        return LanePiece(bindings, parts, source, nh * d)
 
     def subgroup_split() -> Kernel:
         # The lanes of a subgroup share the keys (lanes in step walk equal shares) and merge their online
