@@ -1293,9 +1293,10 @@ def _attend(ctx, node_id, inputs, a: dict, label: str, piece: bool = False) -> l
     if ctx.layout == "cpu" and lane_layout:
         if piece:
             return _attend_lanes(ctx, node_id, label, bindings, a, splits, subs, fold=fold, piece=True)
-        one_token = fold and _attend_lanes(ctx, node_id, label, bindings, a, splits, subs, fold=fold)
         if _attention_reader(ctx, node_id) is not None:
             one_token = []          # the product after it attends in its one-token kernel
+        else:
+            one_token = fold and _attend_lanes(ctx, node_id, label, bindings, a, splits, subs, fold=fold)
         return _with_fold(_attend_lanes(ctx, node_id, label, bindings, a, splits, subs), one_token)
     # attention.wgsl: q is staged in workgroup memory (q_raw), its norm reduced across the workgroup.
     q_rms, q_elem = "let rq = 1.0;", "return q_raw[d];"
