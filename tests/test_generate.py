@@ -213,7 +213,11 @@ def test_one_token_attention_writes_the_cache_itself(case, layout, keys_per_spli
     prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1]
     assert_steps_equal_the_reference(gpu, ref, prompt, ref.generate_ids(prompt, max_new_tokens=16), f"{case}: decode")
     writes = lambda n: [k.label for _, _, k in gpu.decoder._runner.dispatches if k.runs_for(n)].count("cache_write")
-    assert (writes(1) == writes(4)) == bool(disable) and writes(4) > 0
+    # A CPU layout's split keys need its lane workgroups to hold whole subgroups (8 lanes on lavapipe; a GPU's
+    # 32-wide subgroups do not fit, and its one-token step keeps the writes).
+    lanes = gpu.decoder._runner.dev.subgroup_size
+    folds = not disable and (layout == "gpu" or keys_per_split == 256 or kernels.LANES_WG % lanes == 0)
+    assert (writes(1) < writes(4)) == folds and writes(4) > 0
 
 
 def test_default_context_is_the_model_limit_capped_by_memory(hf_checkpoint):

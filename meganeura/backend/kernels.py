@@ -821,29 +821,71 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
     if softcap is not None:
         parts.append(TANH)
 
+    splits = _k_splits(ctx, windows, k) if norm is None and act is None and out is None else 1
+    out = out or _out(node_id)
+    # A step of at most TM tokens (one row of tiles) shares K among `splits` workgroups a tile, whose sums go
+    # to scratch [splits][rows of the step][out_stride] for the pass that adds them up; longer steps, or splits 1,
+    # run whole.
+    per_token = math.prod(d for d in ctx.graph[node_id].shape if d != S)
+    part = Binding("part", Ref("scratch", node_id, splits * per_token * 4), "f32", write=True)
+    store = "\n".join("                " + line for line in [*epilogue, f"{out.name}[m * {out_stride}u + col] = y;"])
     kernels = []
-    for i, (r0, r1) in enumerate(windows):
-        n = (r1 - r0) // 2 if act else r1 - r0
+    for whole in ([False, True] if splits > 1 else [True]):
+        for i, (r0, r1) in enumerate(windows):
+            n = (r1 - r0) // 2 if act else r1 - r0
 
-        def grid(s, n=n):
-            return -(-n // tile_n), -(-(numel_at(x.shape, s) // k) // tile_m), 1
+            def grid(s, n=n, z=1 if whole else splits):
+                return -(-n // tile_n), -(-(numel_at(x.shape, s) // k) // tile_m), z
 
-        # B tile element e of this thread: a weight row [N, K] is read along k by consecutive threads, a
-        # plain matmul's B [K, N] along n, so that either way the reads are coalesced.
-        b_coords = "let c = e / TK;\n            let kk = e % TK;" if transpose else \
-                   "let c = e % TN;\n            let kk = e / TN;"
-        kernels.append(_kernel(
-            ctx, label, "gemm", shared[:1] + [w_binding(i)] + shared[1:] + [out or _out(node_id)], grid,
-            prelude=helpers(*parts), tile_m=tile_m, tile_n=tile_n, tile_k=tile_k,
-            tile_decls="\n".join(tile_decls), m=f"({numel(x.shape)} / {k}u)", n=n, k=k, norm_sum=norm_sum,
-            scale_a=scale_a, b_coords="            " + b_coords,
-            load_b="load_w(n * K + kb)" if transpose else "load_w(kb * N + n)", stage_up=stage_up,
-            accumulate_up=accumulate_up, norm_finish=norm_finish, row_scale=row_scale, col0=r0,
-            out_stride=out_stride, epilogue="\n".join("                " + line for line in epilogue)))
+            # B tile element e of this thread: a weight row [N, K] is read along k by consecutive threads, a
+            # plain matmul's B [K, N] along n, so that either way the reads are coalesced.
+            b_coords = "let c = e / TK;\n            let kk = e % TK;" if transpose else \
+                       "let c = e % TN;\n            let kk = e / TN;"
+            kernel = _kernel(
+                ctx, label, "gemm", shared[:1] + [w_binding(i)] + shared[1:] + [out if whole else part], grid,
+                prelude=helpers(*parts), tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, splits=1 if whole else splits,
+                tile_decls="\n".join(tile_decls), m=f"({numel(x.shape)} / {k}u)", n=n, k=k, norm_sum=norm_sum,
+                scale_a=scale_a, b_coords="            " + b_coords, load_b="load_w(n * K + kb)" if transpose
+                else "load_w(kb * N + n)", stage_up=stage_up, accumulate_up=accumulate_up,
+                norm_finish=norm_finish, row_scale=row_scale, col0=r0,
+                store=store if whole else f"                part[(wg.z * M + m) * {out_stride}u + col] = y;")
+            kernels.append(replace(kernel, tokens=(tile_m + 1, math.inf)) if splits > 1 and whole else
+                           replace(kernel, tokens=(1, tile_m)) if splits > 1 else kernel)
+        if not whole:
+            kernels.append(_summed_splits(ctx, node_id, label, part, splits, out_stride, shared[1:], out, epilogue,
+                                          parts))
     if transpose and k % 8 == 0 and shared[0].dtype == "f32":
-        kernels = _with_streamed(ctx, kernels, node_id, label, x, windows, w_binding, shared, out or _out(node_id),
+        kernels = _with_streamed(ctx, kernels, node_id, label, x, windows, w_binding, shared, out,
                                  epilogue, out_stride, act=act, norm=norm, norm_w=norm_w, eps=eps, softcap=softcap)
     return kernels
+
+
+# A GPU GEMM of one row of tiles (a short step) whose tiles are fewer than GEMM_SPLIT_WGS shares K among up to
+# that many workgroups, each share at least GEMM_SPLIT_MIN_K long. A CPU (one workgroup a core) never splits.
+GEMM_SPLIT_WGS = 128
+GEMM_SPLIT_MIN_K = 256
+
+
+def _k_splits(ctx, windows, k: int) -> int:
+    """The workgroups among which a short step's GEMM shares each tile's K (`_gemm`)."""
+    if ctx.layout != "gpu":
+        return 1
+    tiles = sum(-(-(r1 - r0) // GEMM_TILE[1]) for r0, r1 in windows)
+    return max(1, min(-(-GEMM_SPLIT_WGS // tiles), k // GEMM_SPLIT_MIN_K))
+
+
+def _summed_splits(ctx, node_id, label, part: Binding, splits: int, out_stride: int, inputs: list[Binding],
+                   out: Binding, epilogue: list[str], parts) -> Kernel:
+    """The pass after a split GEMM: an invocation per output element adds up its splits' sums and applies
+    the epilogue (bias, softcap, residual: a split GEMM has no norm or gate)."""
+    node = ctx.graph[node_id]
+    total = numel(node.shape)
+    lines = [f"let m = i / {out_stride}u;", f"let col = i % {out_stride}u;", "var y = 0.0;",
+             f"for (var z = 0u; z < {splits}u; z = z + 1u) {{ y = y + load_part(z * {total} + i); }}",
+             *epilogue, "out[i] = y;"]
+    kernel = _elementwise(ctx, f"{label}_splits", node, [replace(part, write=False), *inputs, out],
+                          "\n".join("    " + line for line in lines), prelude=helpers(*parts))
+    return replace(kernel, tokens=(1, GEMM_TILE[0]))
 
 
 # Streamed variants (stream.wgsl), by layout: (step sizes, weight rows per block, token rows per block).
@@ -871,8 +913,8 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
         if not variants:
             return tiled
     largest = max(hi for (_, hi), _, _ in variants)
-    kernels = [replace(t, tokens=(largest + 1, math.inf)) for t in tiled] if largest < math.inf and fixed is None \
-        else []
+    kernels = [replace(t, tokens=(max(largest + 1, t.tokens[0]), t.tokens[1])) for t in tiled
+               if t.tokens[1] > largest] if largest < math.inf and fixed is None else []
     parts = [*(act_fn(act) if act else ()), TANH if softcap is not None else ""]
     x_id, row0 = shared[0].ref.key, ""
     attention = None
