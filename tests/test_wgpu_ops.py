@@ -378,22 +378,26 @@ def test_matmul_tiles(s, k, n, transpose, b_is_weight, dtype):
         check(g, g.matmul(x, b, transpose_b=transpose), feed, params, rtol=1e-4)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(s=st.sampled_from([9, 30, 64, 65, 100]), k=st.integers(17, 200), n=st.integers(1, 150),
-       lead=st.sampled_from([(), (2,)]), bias=st.booleans(), softcap=st.sampled_from([None, 1.5]), residual=st.booleans(),
-       window_rows=st.sampled_from([None, 50]), dtype=wdtypes, min_k=st.sampled_from([16, 40]))
-def test_short_steps_share_k_among_workgroups(s, k, n, lead, bias, softcap, residual, window_rows, dtype, min_k):
+       lead=st.sampled_from([(), (2,)]), norm=st.sampled_from([None, "weighted", "unit"]),
+       act=st.sampled_from([None, "silu"]), bias=st.booleans(), softcap=st.sampled_from([None, 1.5]),
+       residual=st.booleans(), window_rows=st.sampled_from([None, 50]), dtype=wdtypes,
+       min_k=st.sampled_from([16, 40]))
+def test_short_steps_share_k_among_workgroups(s, k, n, lead, norm, act, bias, softcap, residual, window_rows,
+                                              dtype, min_k):
     """On a GPU a step of one row of tiles (up to 64 tokens) multiplies each tile in several workgroups,
-    each over its own share of K (the last shorter, some empty), and a second pass adds their sums and
-    applies bias, softcap and residual; longer steps run whole. Weight windows write their own columns; a
-    leading dimension gives the step more rows than tokens."""
+    each over its own share of K (the last shorter, some empty), and a second pass adds their sums, the up
+    rows' and the rows' sums of squares, and applies the norm's 1/rms, bias, gate, softcap and residual;
+    longer steps run whole. Weight windows (of an ungated weight) write their own columns; a leading
+    dimension gives the step more rows than tokens."""
     from meganeura.backend import kernels
     g = mn.Graph()
-    out, feed, params = linear_case(g, s, k, n, lead, None, bias, None, softcap, residual, dtype)
+    out, feed, params = linear_case(g, s, k, n, lead, norm, bias, act, softcap, residual, dtype)
     g.set_outputs({"y": out})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "GEMM_SPLIT_MIN_K", min_k)
-        if window_rows is not None:
+        if window_rows is not None and act is None:
             mp.setenv("MEGANEURA_MAX_BINDING", str(max(4 * max(n, k), window_rows * k * 4)))
         labels = run_unoptimized(g, feed, params, dtype, "gpu", s)
     assert labels.count("linear_splits") == (s <= 64 and k >= 2 * min_k)

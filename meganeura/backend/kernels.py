@@ -744,7 +744,9 @@ def _topk_route(ctx, node_id, node: Node) -> list[Kernel]:
 # rows, the norm's row scales) is 13 KiB at most, within WebGPU's default 16 KiB.
 GEMM_TILE = (64, 64, 16)
 
-NORM_ROW_SCALES = """    // Each row's 1/rms from the partial sums of squares of the TK threads that staged it (in a_tile).
+# Whole, each row's 1/rms then scales the finished sums; split, the first column of tiles stores each row's
+# share of its sum of squares for the summing pass (after the rows' sums, at the end of the scratch).
+ROW_SQUARES = """    // Each row's sum of squares from the partial sums of the TK threads that staged it (in a_tile), then {use}.
     for (var j = 0u; j < A_LOADS; j = j + 1u) {{
         let e = j * WG + li;
         a_tile[e % TK][(e / TK) / 4u][(e / TK) % 4u] = ss[j];
@@ -753,7 +755,7 @@ NORM_ROW_SCALES = """    // Each row's 1/rms from the partial sums of squares of
     if (li < TM) {{
         var total = 0.0;
         for (var kk = 0u; kk < TK; kk = kk + 1u) {{ total = total + a_tile[kk][li / 4u][li % 4u]; }}
-        row_scale[li] = 1.0 / sqrt(total / f32(K) + {eps});
+        {store}
     }}
     workgroupBarrier();"""
 
@@ -797,7 +799,8 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
         # rms_norm(x) · w = (1/rms) (x · w): the rows' scales multiply the finished sums.
         tile_decls.append("var<workgroup> row_scale: array<f32, TM>;")
         norm_sum = "            ss[j] = ss[j] + v * v;"
-        norm_finish = NORM_ROW_SCALES.format(eps=lit(eps))
+        norm_finish = ROW_SQUARES.format(use="its 1/rms",
+                                         store=f"row_scale[li] = 1.0 / sqrt(total / f32(K) + {lit(eps)});")
         row_scale = "row_scale[4u * ty + i]"
         if norm_w is not None:
             shared.append(ctx.value(norm_w, "nw"))
@@ -821,14 +824,20 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
     if softcap is not None:
         parts.append(TANH)
 
-    splits = _k_splits(ctx, windows, k) if norm is None and act is None and out is None else 1
+    splits = _k_splits(ctx, windows, k) if out is None else 1
     out = out or _out(node_id)
-    # A step of at most TM tokens (one row of tiles) shares K among `splits` workgroups a tile, whose sums go
-    # to scratch [splits][rows of the step][out_stride] for the pass that adds them up; longer steps, or splits 1,
+    # A step of at most TM tokens (one row of tiles) shares K among `splits` workgroups a tile. Their raw sums
+    # go to scratch, [splits][rows of the step][width] (the up rows' after the gate rows'), then with a norm
+    # each share's sums of squares [splits][rows], for the pass that adds them up; longer steps, or splits 1,
     # run whole.
-    per_token = math.prod(d for d in ctx.graph[node_id].shape if d != S)
-    part = Binding("part", Ref("scratch", node_id, splits * per_token * 4), "f32", write=True)
-    store = "\n".join("                " + line for line in [*epilogue, f"{out.name}[m * {out_stride}u + col] = y;"])
+    width = 2 * out_stride if act else out_stride
+    rows_per_token = math.prod(d for d in ctx.graph[node_id].shape if d != S) // out_stride
+    part = Binding("part", Ref("scratch", node_id, splits * rows_per_token * (width + (norm is not None)) * 4), "f32",
+                   write=True)
+    split_squares = ROW_SQUARES.format(use="its share's sum, for the summing pass", store=(
+        f"if (wg.x == 0u && tm + li < M) {{ part[SPLITS * M * {width}u + wg.z * M + tm + li] = total; }}"))
+    partial = [f"part[(wg.z * M + m) * {width}u + col] = y;"] + \
+        [f"part[(wg.z * M + m) * {width}u + {out_stride}u + col] = acc_up;"] * (act is not None)
     kernels = []
     for whole in ([False, True] if splits > 1 else [True]):
         for i, (r0, r1) in enumerate(windows):
@@ -841,19 +850,20 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
             # plain matmul's B [K, N] along n, so that either way the reads are coalesced.
             b_coords = "let c = e / TK;\n            let kk = e % TK;" if transpose else \
                        "let c = e % TN;\n            let kk = e / TN;"
+            store = [*epilogue, f"{out.name}[m * {out_stride}u + col] = y;"] if whole else partial
             kernel = _kernel(
                 ctx, label, "gemm", shared[:1] + [w_binding(i)] + shared[1:] + [out if whole else part], grid,
                 prelude=helpers(*parts), tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, splits=1 if whole else splits,
                 tile_decls="\n".join(tile_decls), m=f"({numel(x.shape)} / {k}u)", n=n, k=k, norm_sum=norm_sum,
                 scale_a=scale_a, b_coords="            " + b_coords, load_b="load_w(n * K + kb)" if transpose
-                else "load_w(kb * N + n)", stage_up=stage_up, accumulate_up=accumulate_up,
-                norm_finish=norm_finish, row_scale=row_scale, col0=r0,
-                store=store if whole else f"                part[(wg.z * M + m) * {out_stride}u + col] = y;")
+                else "load_w(kb * N + n)", stage_up=stage_up, accumulate_up=accumulate_up, col0=r0,
+                norm_finish=norm_finish if whole or norm is None else split_squares,
+                row_scale=row_scale if whole else "1.0", store="\n".join("                " + line for line in store))
             kernels.append(replace(kernel, tokens=(tile_m + 1, math.inf)) if splits > 1 and whole else
                            replace(kernel, tokens=(1, tile_m)) if splits > 1 else kernel)
         if not whole:
-            kernels.append(_summed_splits(ctx, node_id, label, part, splits, out_stride, shared[1:], out, epilogue,
-                                          parts))
+            kernels.append(_summed_splits(ctx, node_id, label, part, splits, out_stride, width, k, norm, eps,
+                                          act is not None, shared[1:], out, epilogue, parts))
     if transpose and k % 8 == 0 and shared[0].dtype == "f32":
         kernels = _with_streamed(ctx, kernels, node_id, label, x, windows, w_binding, shared, out,
                                  epilogue, out_stride, act=act, norm=norm, norm_w=norm_w, eps=eps, softcap=softcap)
@@ -862,7 +872,10 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
 
 # A GPU GEMM of one row of tiles (a short step) whose tiles are fewer than GEMM_SPLIT_WGS shares K among up to
 # that many workgroups, each share at least GEMM_SPLIT_MIN_K long. A CPU (one workgroup a core) never splits.
-GEMM_SPLIT_WGS = 128
+# On an H100 a 64-token bf16 [64 x 8192] x [2048 x 8192]^T product took 1.62 ms whole and 0.52, 0.29 and 0.19
+# ms split for 128, 256 and 512 workgroups (benches/gemm.py); 512 was also the fastest on the 2048- and
+# 3072-row products of K 2048.
+GEMM_SPLIT_WGS = 512
 GEMM_SPLIT_MIN_K = 256
 
 
@@ -874,15 +887,25 @@ def _k_splits(ctx, windows, k: int) -> int:
     return max(1, min(-(-GEMM_SPLIT_WGS // tiles), k // GEMM_SPLIT_MIN_K))
 
 
-def _summed_splits(ctx, node_id, label, part: Binding, splits: int, out_stride: int, inputs: list[Binding],
-                   out: Binding, epilogue: list[str], parts) -> Kernel:
-    """The pass after a split GEMM: an invocation per output element adds up its splits' sums and applies
-    the epilogue (bias, softcap, residual: a split GEMM has no norm or gate)."""
+def _summed_splits(ctx, node_id, label, part: Binding, splits: int, out_stride: int, width: int, k: int,
+                   norm: str | None, eps: float, gated: bool, inputs: list[Binding], out: Binding,
+                   epilogue: list[str], parts) -> Kernel:
+    """The pass after a split GEMM: an invocation per output element adds up its splits' sums (and the up
+    row's, and its row's sums of squares for the 1/rms) and applies the epilogue."""
     node = ctx.graph[node_id]
     total = numel(node.shape)
-    lines = [f"let m = i / {out_stride}u;", f"let col = i % {out_stride}u;", "var y = 0.0;",
-             f"for (var z = 0u; z < {splits}u; z = z + 1u) {{ y = y + load_part(z * {total} + i); }}",
-             *epilogue, "out[i] = y;"]
+    lines = [f"let m = i / {out_stride}u;", f"let col = i % {out_stride}u;", f"let M = {total} / {out_stride}u;",
+             f"let N = {out_stride}u;", "var r = 1.0;"]
+    if norm is not None:
+        lines += ["var squares = 0.0;",
+                  f"for (var z = 0u; z < {splits}u; z = z + 1u) {{ squares = squares + "
+                  f"load_part({splits}u * M * {width}u + z * M + m); }}",
+                  f"r = 1.0 / sqrt(squares / {k}.0 + {lit(eps)});"]
+    lines += ["var y = 0.0;", "var acc_up = 0.0;",
+              f"for (var z = 0u; z < {splits}u; z = z + 1u) {{",
+              f"    let at = (z * M + m) * {width}u + col;", "    y = y + load_part(at);",
+              *([f"    acc_up = acc_up + load_part(at + {out_stride}u);"] if gated else []), "}",
+              "y = y * r;", "acc_up = acc_up * r;", *epilogue, "out[i] = y;"]
     kernel = _elementwise(ctx, f"{label}_splits", node, [replace(part, write=False), *inputs, out],
                           "\n".join("    " + line for line in lines), prelude=helpers(*parts))
     return replace(kernel, tokens=(1, GEMM_TILE[0]))
@@ -892,9 +915,10 @@ def _summed_splits(ctx, node_id, label, part: Binding, splits: int, out_stride: 
 # On a CPU every step streams (its tiled GEMM's barriers are emulated in software); block sizes measured on
 # lavapipe (benches/stream_blocks.py): 6 rows for one token; for a 64-token step 4x32 ran 1.3-1.7x faster than
 # 4x8 (each weight texel, fetched lane by lane, then serves 32 tokens), and 4x8 wastes less on short steps.
-# On a GPU steps of a few tokens stream and larger ones use the tiled GEMM.
+# On a GPU steps of a few tokens stream and larger ones use the tiled GEMM; a one-token step's workgroup
+# takes one weight row (an H100's llama-1b decode step 1.77 ms against 1.91 with two and 2.02 with four).
 STREAMED = {"cpu": [((1, 1), 6, 1), ((2, 15), 4, 8), ((16, math.inf), 4, 32)],
-            "gpu": [((1, 1), 2, 1), ((2, 8), 2, 4)]}
+            "gpu": [((1, 1), 1, 1), ((2, 8), 2, 4)]}
 STREAM_WG = 64
 STREAMED_DTYPES = ("f32", "bf16", "f16", *QUANTIZED)    # weights the streamed variants read
 
