@@ -746,7 +746,8 @@ GEMM_TILE = (64, 64, 16)
 
 # Whole, each row's 1/rms then scales the finished sums; split, the first column of tiles stores each row's
 # share of its sum of squares for the summing pass (after the rows' sums, at the end of the scratch).
-ROW_SQUARES = """    // Each row's sum of squares from the partial sums of the TK threads that staged it (in a_tile), then {use}.
+ROW_SQUARES = """    // Each row's sum of squares from the partial sums of the TK threads that staged it (in a_tile),
+    // then {use}.
     for (var j = 0u; j < A_LOADS; j = j + 1u) {{
         let e = j * WG + li;
         a_tile[e % TK][(e / TK) / 4u][(e / TK) % 4u] = ss[j];
@@ -824,7 +825,7 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
     if softcap is not None:
         parts.append(TANH)
 
-    splits = _k_splits(ctx, windows, k) if out is None else 1
+    splits = _k_splits(ctx, windows, k) if out is None else 1     # (`out`: a gate pass's scratch, already taken)
     out = out or _out(node_id)
     # A step of at most TM tokens (one row of tiles) shares K among `splits` workgroups a tile. Their raw sums
     # go to scratch, [splits][rows of the step][width] (the up rows' after the gate rows'), then with a norm
@@ -859,11 +860,12 @@ def _gemm(ctx, node_id, x_id: int, w_id: int, label: str, *, transpose: bool = T
                 else "load_w(kb * N + n)", stage_up=stage_up, accumulate_up=accumulate_up, col0=r0,
                 norm_finish=norm_finish if whole or norm is None else split_squares,
                 row_scale=row_scale if whole else "1.0", store="\n".join("                " + line for line in store))
-            kernels.append(replace(kernel, tokens=(tile_m + 1, math.inf)) if splits > 1 and whole else
-                           replace(kernel, tokens=(1, tile_m)) if splits > 1 else kernel)
+            kernels.append(kernel if splits == 1 else replace(kernel, tokens=(tile_m + 1, math.inf) if whole
+                                                              else (1, tile_m)))
         if not whole:
-            kernels.append(_summed_splits(ctx, node_id, label, part, splits, out_stride, width, k, norm, eps,
-                                          act is not None, shared[1:], out, epilogue, parts))
+            summed = _summed_splits(ctx, node_id, label, part, splits, out_stride, width, k, norm, eps,
+                                    [b for b in shared[1:] if b.name != "nw"], out, epilogue, parts)
+            kernels.append(replace(summed, tokens=(1, tile_m)))
     if transpose and k % 8 == 0 and shared[0].dtype == "f32":
         kernels = _with_streamed(ctx, kernels, node_id, label, x, windows, w_binding, shared, out,
                                  epilogue, out_stride, act=act, norm=norm, norm_w=norm_w, eps=eps, softcap=softcap)
@@ -888,10 +890,11 @@ def _k_splits(ctx, windows, k: int) -> int:
 
 
 def _summed_splits(ctx, node_id, label, part: Binding, splits: int, out_stride: int, width: int, k: int,
-                   norm: str | None, eps: float, gated: bool, inputs: list[Binding], out: Binding,
-                   epilogue: list[str], parts) -> Kernel:
+                   norm: str | None, eps: float, inputs: list[Binding], out: Binding, epilogue: list[str],
+                   parts) -> Kernel:
     """The pass after a split GEMM: an invocation per output element adds up its splits' sums (and the up
-    row's, and its row's sums of squares for the 1/rms) and applies the epilogue."""
+    row's where `width` holds up rows, and its row's sums of squares for the 1/rms) and applies the
+    epilogue."""
     node = ctx.graph[node_id]
     total = numel(node.shape)
     lines = [f"let m = i / {out_stride}u;", f"let col = i % {out_stride}u;", f"let M = {total} / {out_stride}u;",
@@ -904,11 +907,10 @@ def _summed_splits(ctx, node_id, label, part: Binding, splits: int, out_stride: 
     lines += ["var y = 0.0;", "var acc_up = 0.0;",
               f"for (var z = 0u; z < {splits}u; z = z + 1u) {{",
               f"    let at = (z * M + m) * {width}u + col;", "    y = y + load_part(at);",
-              *([f"    acc_up = acc_up + load_part(at + {out_stride}u);"] if gated else []), "}",
+              *([f"    acc_up = acc_up + load_part(at + {out_stride}u);"] if width > out_stride else []), "}",
               "y = y * r;", "acc_up = acc_up * r;", *epilogue, "out[i] = y;"]
-    kernel = _elementwise(ctx, f"{label}_splits", node, [replace(part, write=False), *inputs, out],
-                          "\n".join("    " + line for line in lines), prelude=helpers(*parts))
-    return replace(kernel, tokens=(1, GEMM_TILE[0]))
+    return _elementwise(ctx, f"{label}_splits", node, [replace(part, write=False), *inputs, out],
+                        "\n".join("    " + line for line in lines), prelude=helpers(*parts))
 
 
 # Streamed variants (stream.wgsl), by layout: (step sizes, weight rows per block, token rows per block).
