@@ -9,6 +9,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import meganeura as mn
+from meganeura.backend import kernels
 from meganeura.graph import OPS, S
 from meganeura.weights import write_safetensors
 from wgpu_util import run_both
@@ -259,6 +260,19 @@ def test_decode_product_rows_in_pairs(n, k, lead):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEGANEURA_LAYOUT", "cpu")
         check(g, out, feed, params, rtol=1e-4)
+
+
+@pytest.mark.parametrize("s, k, n", [(1, 8, 140001), (2080, 8192, 3)])
+def test_products_whose_invocations_would_loop_past_lavapipes_limit(monkeypatch, s, k, n):
+    """lavapipe ends an invocation's loops after 65535 iterations in all: a one-token product whose rows
+    would all fall to one subgroup (a large vocabulary's LM head; one core), and a long step streaming
+    65 blocks of 32 tokens over rows of 1024 packs, both spread their work so that each invocation stays
+    below it (LOOP_TRIPS)."""
+    monkeypatch.setattr(kernels, "CORES", 1)
+    monkeypatch.setenv("MEGANEURA_LAYOUT", "cpu")
+    g = mn.Graph()
+    out, feed, params = linear_case(g, s, k, n, (), None, False, None, None, False, "bf16")
+    check(g, out, feed, params, rtol=1e-4)
 
 
 def run_unoptimized(g, feed, params, dtype, layout, s) -> list[str]:

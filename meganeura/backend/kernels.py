@@ -20,6 +20,10 @@ WG_1D = 256
 MAX_GROUPS = 65535
 # The cores this process may run on: a CPU device (lavapipe) runs a thread per core.
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# lavapipe ends every loop of an invocation, silently, once the invocation has made 65535 loop iterations
+# in all (gallivm's loop limiter), so a kernel whose invocations walk rows or packs in a loop keeps each
+# invocation below this many, with room for its other loops.
+LOOP_TRIPS = 32768
 
 
 @dataclass(frozen=True)
@@ -925,14 +929,28 @@ STREAM_WG = 64
 STREAMED_DTYPES = ("f32", "bf16", "f16", *QUANTIZED)    # weights the streamed variants read
 
 
+def _loop_bounded(ctx, k: int, variants: list[tuple]) -> list[tuple]:
+    """The STREAMED variants whose invocations loop at most LOOP_TRIPS times (on a CPU a lane walks each of
+    its blocks of tokens over all of a row's packs): a variant's step sizes are cut to that, and the ones
+    after a cut are left to the tiled kernels, so that the streamed ones still cover steps from 1 up."""
+    out = []
+    for (lo, hi), rows, token_block in variants:
+        bound = LOOP_TRIPS // max(1, k // 8) * token_block if ctx.layout == "cpu" else hi
+        if min(hi, bound) >= lo:
+            out.append(((lo, min(hi, bound)), rows, token_block))
+        if bound < hi:
+            break
+    return out
+
+
 def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w_binding, shared: list[Binding],
                    out: Binding, epilogue: list[str], out_stride: int, *, act, norm, norm_w, eps, softcap
                    ) -> list[Kernel]:
     """The tiled kernels restricted to the step sizes no streamed variant covers, plus the streamed ones."""
-    variants = STREAMED[ctx.layout]
-    if any(w_binding(i).dtype not in STREAMED_DTYPES for i in range(len(windows))):
-        return tiled
     k = x.shape[-1]
+    variants = _loop_bounded(ctx, k, STREAMED[ctx.layout])
+    if not variants or any(w_binding(i).dtype not in STREAMED_DTYPES for i in range(len(windows))):
+        return tiled
     fixed = None if S in x.shape else math.prod(x.shape) // k
     if fixed is not None:       # rows that do not grow with the step (the head after last_row): one variant
         variants = [v for v in variants if v[0][0] <= fixed <= v[0][1]][:1]
@@ -1021,7 +1039,8 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
     paired = not gated and n % 2 == 0 and shares <= GEMV_PAIRED_STEPS
     n = n // 2 if paired else n
     wg = GEMV_SUBGROUPS * lanes
-    subgroups = max(1, min(CORES * GEMV_SUBGROUPS, n // GEMV_MIN_ROWS))
+    tokens = math.prod(d for d in x.shape if d != S) // k        # the step's rows of x: one token's
+    subgroups = max(1, min(CORES * GEMV_SUBGROUPS, n // GEMV_MIN_ROWS), -(-n * tokens // LOOP_TRIPS))
     rows = -(-n // subgroups)
     load_x, body = [], []
     row_at = f"({row0} + m) * PACKS" if row0 else "m * PACKS"      # where the token's row of the inputs is
