@@ -933,9 +933,11 @@ def _loop_bounded(ctx, k: int, variants: list[tuple]) -> list[tuple]:
     """The STREAMED variants whose invocations loop at most LOOP_TRIPS times (on a CPU a lane walks each of
     its blocks of tokens over all of a row's packs): a variant's step sizes are cut to that, and the ones
     after a cut are left to the tiled kernels, so that the streamed ones still cover steps from 1 up."""
+    if ctx.layout != "cpu":
+        return list(variants)
     out = []
     for (lo, hi), rows, token_block in variants:
-        bound = LOOP_TRIPS // max(1, k // 8) * token_block if ctx.layout == "cpu" else hi
+        bound = LOOP_TRIPS // max(1, k // 8) * token_block
         if min(hi, bound) >= lo:
             out.append(((lo, min(hi, bound)), rows, token_block))
         if bound < hi:
@@ -1039,8 +1041,8 @@ def _gemv_kernel(ctx, label, bindings, parts, x: Node, k: int, n: int, col0: int
     paired = not gated and n % 2 == 0 and shares <= GEMV_PAIRED_STEPS
     n = n // 2 if paired else n
     wg = GEMV_SUBGROUPS * lanes
-    tokens = math.prod(d for d in x.shape if d != S) // k        # the step's rows of x: one token's
-    subgroups = max(1, min(CORES * GEMV_SUBGROUPS, n // GEMV_MIN_ROWS), -(-n * tokens // LOOP_TRIPS))
+    x_rows = numel_at(x.shape, 1) // k                              # rows of x a one-token step has
+    subgroups = max(1, min(CORES * GEMV_SUBGROUPS, n // GEMV_MIN_ROWS), -(-n * x_rows // LOOP_TRIPS))
     rows = -(-n // subgroups)
     load_x, body = [], []
     row_at = f"({row0} + m) * PACKS" if row0 else "m * PACKS"      # where the token's row of the inputs is
