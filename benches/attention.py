@@ -40,7 +40,7 @@ def decode_attention(args, keys_per_split: int, q, kc, vc):
     runner.write_state("k_cache", kc)
     runner.write_state("v_cache", vc)
     out = prog.run(feed, {})["y"]                             # the step again, over the filled cache
-    attention = [(p, b, k.grid(1)) for p, b, k in runner.dispatches
+    attention = [(runner.pipeline(k), b, k.grid(1)) for k, b in runner.dispatches
                  if k.label.startswith("attention") and k.runs_for(1)]
     return runner, attention, out
 

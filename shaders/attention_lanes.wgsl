@@ -16,6 +16,7 @@ const HALF: u32 = ${half}u;
 const EPS: f32 = ${eps};
 const HEADS: u32 = ${heads}u;
 const SPLITS: u32 = ${splits}u;
+const KEYS_PER_TRIP: u32 = ${keys_per_trip}u;
 
 // The row that holds key position j.
 fn slot(j: u32) -> u32 { return ${slot}; }
@@ -31,6 +32,31 @@ fn q_value(q_base: u32, d: u32, r: f32, i: u32) -> f32 { return ${q_value}; }
 fn k_elem(k_base: u32, d: u32, r: f32) -> f32 { ${k_elem} }
 fn k_value(k_base: u32, d: u32, r: f32, j: u32) -> f32 { return ${k_value}; }
 
+// A lane's query (normed and rotated) and its online softmax so far: the running max, the sum of weights
+// and the weighted sum of values.
+var<private> query: array<vec4<f32>, ${quads}>;
+var<private> acc: array<vec4<f32>, ${quads}>;
+var<private> m_run: f32;
+var<private> l_run: f32;
+
+// Key position j into the lane's softmax (g: its kv head; lo .. hi - 1: the keys its query sees).
+fn visit(j: u32, g: u32, lo: u32, hi: u32${subgroup_args}) {
+    let k_base = slot(j) * ${k_row}u + ${k_at}u + g * D;
+    var dot4 = vec4<f32>(0.0);
+${score}
+    var s = (dot4.x + dot4.y + dot4.z + dot4.w) * ${scale};
+    ${softcap}
+    let seen = ${seen};          // a key of this lane's query (lanes that share keys walk all of theirs)
+    let m_new = select(m_run, max(m_run, s), seen);
+    let correction = exp(m_run - m_new);
+    var p = select(0.0, exp(s - m_new), seen);
+    l_run = l_run * correction + p;
+    m_run = m_new;
+    let v_base = slot(j) * ${v_row}u + ${v_at}u + g * D;
+    ${v_rms}
+${accumulate}
+}
+
 // The work of attention lane `lane`; `writer`: whether it may store the step's key and value (where it
 // makes them), which of several workgroups computing the same lanes one does.
 fn attend(lane: u32, writer: bool${subgroup_args}) {
@@ -44,28 +70,16 @@ ${key_bounds}
     let q_base = i * ${q_row}u + ${q_at}u + h * D;
     var rq = 1.0;
     ${q_rms}
-    var q: array<vec4<f32>, ${quads}>;
 ${load_q}
-    var acc: array<vec4<f32>, ${quads}>;
-    var m_run = -3.0e38;
-    var l_run = 0.0;
+    acc = array<vec4<f32>, ${quads}>();
+    m_run = -3.0e38;
+    l_run = 0.0;
     let keys_from = ${first_key};
     let keys_to = ${end_key};
-    for (var j = keys_from; j < keys_to; j = j + 1u) {
-        let k_base = slot(j) * ${k_row}u + ${k_at}u + g * D;
-        var dot4 = vec4<f32>(0.0);
-${score}
-        var s = (dot4.x + dot4.y + dot4.z + dot4.w) * ${scale};
-        ${softcap}
-        let seen = ${seen};          // a key of this lane's query (lanes that share keys walk all of theirs)
-        let m_new = select(m_run, max(m_run, s), seen);
-        let correction = exp(m_run - m_new);
-        var p = select(0.0, exp(s - m_new), seen);
-        l_run = l_run * correction + p;
-        m_run = m_new;
-        let v_base = slot(j) * ${v_row}u + ${v_at}u + g * D;
-        ${v_rms}
-${accumulate}
+    // KEYS_PER_TRIP keys a trip, so that a lane walking many keys stays below lavapipe's loop limiter (an
+    // invocation's loops end after 65535 trips in all).
+    for (var j = keys_from; j < keys_to; j = j + KEYS_PER_TRIP) {
+${visits}
     }
 ${fresh}
 ${epilogue}

@@ -212,7 +212,7 @@ def test_one_token_attention_writes_the_cache_itself(case, layout, keys_per_spli
     ref = mn.load_model(path, backend="numpy", context=40, chunk=4)
     prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1]
     assert_steps_equal_the_reference(gpu, ref, prompt, ref.generate_ids(prompt, max_new_tokens=16), f"{case}: decode")
-    writes = lambda n: [k.label for _, _, k in gpu.decoder._runner.dispatches if k.runs_for(n)].count("cache_write")
+    writes = lambda n: [k.label for k, _ in gpu.decoder._runner.dispatches if k.runs_for(n)].count("cache_write")
     # A CPU layout's split keys need its lane workgroups to hold whole subgroups (8 lanes on lavapipe; a GPU's
     # 32-wide subgroups do not fit, and its one-token step keeps the writes).
     lanes = gpu.decoder._runner.dev.subgroup_size

@@ -2,6 +2,7 @@
 sizes, with f32/f16/bf16 weights, with and without the optional device features."""
 import math
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -288,7 +289,7 @@ def run_unoptimized(g, feed, params, dtype, layout, s) -> list[str]:
         program = mn.compile(g, backend="wgpu", optimize=False, quantize=quantize)
         gpu = program.run(feed, weights)
         ref = mn.compile(g, backend="numpy", optimize=False, quantize=quantize).run(feed, weights)
-        labels = [k.label for _, _, k in program._runner.dispatches if k.runs_for(s)]
+        labels = [k.label for k, _ in program._runner.dispatches if k.runs_for(s)]
     np.testing.assert_allclose(gpu["y"], ref["y"], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref["y"]).max())))
     return labels
 
@@ -680,6 +681,63 @@ def test_split_attention_over_a_cache(kv, group, half, window, pad, q_norm, k_no
         assert split[0].grid(1)[2] == splits or f"const SPLITS: u32 = {splits}u;" in split[0].source
 
 
+@pytest.mark.parametrize("d, fused, cpu_lanes", [(8, True, 8), (32, True, 8), (32, False, 8), (32, True, 64)])
+def test_attention_lanes_walking_more_keys_than_lavapipes_loop_limit(monkeypatch, d, fused, cpu_lanes):
+    """A cache of 70000 slots near its end: a lane of the one-token kernel (8 heads given all the lanes, so
+    no splits), of a longer step's (a query a lane, or a subgroup's consecutive queries), or of a split's
+    share walks more keys than lavapipe's 65535 loop trips an invocation; it visits several a trip."""
+    monkeypatch.setenv("MEGANEURA_LAYOUT", "cpu")
+    monkeypatch.setattr(kernels, "CPU_LANES", cpu_lanes)
+    slots, kv, group = 70000, 1, 8
+    g = cached_attention_graph(kv, group, d, slots, None, 0, None, False, fused)
+    gpu, ref = mn.compile(g, backend="wgpu", optimize=False), mn.compile(g, backend="numpy", optimize=False)
+    step = lambda n, at, seed: {"q": rand(n, kv * group, d, seed=seed), "x": rand(n, 2 * kv * d, seed=50 + seed),
+                                "start_pos": at}
+    gpu.run(step(1, 0, 0), {})                                     # the caches exist once a step has run
+    caches = {"k_cache": rand(slots, kv, d, seed=11), "v_cache": rand(slots, kv, d, seed=12)}
+    for name, data in caches.items():
+        gpu._runner.write_state(name, data)
+        ref.state[name] = data.copy()
+    at = slots - 30
+    for n in (8, 1, 1):
+        feed = step(n, at, n + at)
+        # outputs of about 4e-3 and errors of 4e-7 (against float64); a walk cut 4000 keys short is 1e-4 off
+        np.testing.assert_allclose(gpu.run(feed, {})["y"], ref.run(feed, {})["y"], rtol=1e-4, atol=2e-6,
+                                   err_msg=f"step of {n} at position {at}")
+        at += n
+
+
+def test_attention_lanes_over_a_steps_own_keys_past_the_loop_limit(monkeypatch):
+    """Attention among a step's own tokens (no cache, no window: a full forward) has kernels for steps of up
+    to LOOP_TRIPS tokens and kernels visiting OWN_KEY_TRIPS keys a trip for longer ones; a lower LOOP_TRIPS
+    makes a 100-token step the long kind. Keys normed in the kernel add no loop of their own per key."""
+    monkeypatch.setenv("MEGANEURA_LAYOUT", "cpu")
+    monkeypatch.setattr(kernels, "LOOP_TRIPS", 16)
+    g = mn.Graph()
+    q, k, v, kw, feed, params = attention_case(g, 100, 1, 2, 16, 3, True, True, "qkv", 0, "f32")
+    out = g.fused_attention(q, k, v, scale=0.25, **kw)
+    g.set_outputs({"y": out})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.safetensors")
+        write_safetensors(path, params)
+        weights = mn.open_weights(path)
+        gpu, ref = mn.compile(g, backend="wgpu", optimize=False), mn.compile(g, backend="numpy", optimize=False)
+        feed["start_pos"] = 3
+        np.testing.assert_allclose(gpu.run(feed, weights)["y"], ref.run(feed, weights)["y"], rtol=1e-4, atol=1e-5)
+    per_trip = {k.tokens: int(re.search(r"KEYS_PER_TRIP: u32 = (\d+)u", k.source)[1])
+                for k in gpu._runner.kernels[out]}
+    assert per_trip == {(1, 16): 1, (17, math.inf): kernels.OWN_KEY_TRIPS}
+
+
+def test_key_norms_of_a_long_step_within_lavapipes_loop_limit():
+    """Keys normed in the attention kernel (Gemma's full forward): 300 tokens of 256-wide heads. A loop over
+    each key's elements would make 257 loop trips a key and reach lavapipe's limit by the 256th key."""
+    g = mn.Graph()
+    q, k, v, kw, feed, params = attention_case(g, 300, 1, 2, 256, 2, True, True, "qkv", 0, "f32")
+    out = g.fused_attention(q, k, v, scale=256 ** -0.5, **kw)
+    check(g, out, {**feed, "start_pos": 0}, params, rtol=1e-4, layout="cpu")
+
+
 @settings(max_examples=8, deadline=None)
 @given(kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 3]), half=st.sampled_from([2, 4, 8, 16]),
        window=st.one_of(st.none(), st.integers(1, 6)), q_norm=st.booleans(), k_norm=st.sampled_from([None, "unit"]),
@@ -727,7 +785,7 @@ def test_the_output_projection_runs_a_decode_steps_attention(kv, group, half, wi
             at += s
     sub = gpu._runner.dev.subgroup_size
     fused = sub > 0 and nh <= sub and d % 4 == 0 and nh * d % 8 == 0 and not also_output
-    labels = [k.label for _, _, k in gpu._runner.dispatches if k.runs_for(1)]
+    labels = [k.label for k, _ in gpu._runner.dispatches if k.runs_for(1)]
     assert labels.count("fused_attention") == (not fused)
     assert labels.count(f"attention_{reader}_gemv") == fused
     assert labels.count(f"{reader}_gemv") == (sub > 0 and nh * d % 8 == 0 and not fused)

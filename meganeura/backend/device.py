@@ -37,7 +37,8 @@ class Device:
     limits: dict
     max_binding: int                    # bytes one storage binding may cover (may be forced lower)
     layout: str = "gpu"                 # "cpu": lanes are SIMD lanes of a CPU core (lavapipe), see kernels
-    pipelines: dict = field(default_factory=dict)
+    pipelines: dict = field(default_factory=dict)    # (source, entry) -> compute pipeline, for every runner
+    layouts: dict = field(default_factory=dict)      # bind group layouts by their entries
     measured_subgroup_size: int | None = None
 
     @property

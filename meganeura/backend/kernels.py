@@ -1431,17 +1431,28 @@ def _with_fold(kernels: list[Kernel], folded: list[Kernel] | None) -> list[Kerne
     none where a product runs it); with None, as they are."""
     if folded is None:
         return kernels
-    later = [replace(k, tokens=(max(2, k.tokens[0]), k.tokens[1])) for k in kernels]
-    return [k for k in later if k.tokens[0] <= k.tokens[1]] + [replace(k, tokens=(1, 1)) for k in folded]
+    return _within(kernels, 2) + [replace(k, tokens=(1, 1)) for k in folded]
 
 
 def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dict, decode_only: bool = False,
-                  fold: tuple[int, int] | None = None, piece: bool = False) -> list[Kernel] | LanePiece:
+                  fold: tuple[int, int] | None = None, piece: bool = False, keys: int | None = None
+                  ) -> list[Kernel] | LanePiece:
     """attention_lanes.wgsl: the same attention (and split records) with a lane per (query, head, split).
     `decode_only`: just the kernel of steps of up to SPLIT_TOKENS tokens that splits one query's keys across
     a subgroup (a GPU's decode attention; its caller checks that a subgroup fits GPU_LANES_WG).
     `fold` (`_folded_cache_writes`): just the kernel of one-token steps, which writes the cache too.
-    `piece`: the one-token lanes of `splits` 1 as a product's prologue runs them (`_attention_reader`)."""
+    `piece`: the one-token lanes of `splits` 1 as a product's prologue runs them (`_attention_reader`).
+    `keys`: the most keys a query sees, which sets how many a lane's loop visits a trip (`_key_trips`); by
+    default the window or the cache (for a piece, which runs one-token steps: one). Without either, a
+    query sees the step's tokens: the kernels then come in two sets, for steps of up to LOOP_TRIPS tokens
+    and for longer ones (visiting OWN_KEY_TRIPS keys a trip)."""
+    if keys is None:
+        cache = ctx.graph[ctx.graph[node_id].inputs[1]].shape[0] if a["cached"] else None
+        keys = min((n for n in (a["window"], cache) if n), default=1 if piece else None)
+        if keys is None:
+            again = lambda n: _attend_lanes(ctx, node_id, label, bindings, a, splits, subs, keys=n)
+            return [*_within(again(LOOP_TRIPS), 1, LOOP_TRIPS),
+                    *_within(again(OWN_KEY_TRIPS * LOOP_TRIPS), LOOP_TRIPS + 1)]
     nh, d, norms = a["heads"], a["head_dim"], a["norms"]
     wg = GPU_LANES_WG if decode_only else LANES_WG
     # Statements over a head's quads are written out, not looped: a GPU then has every quad's loads in
@@ -1463,13 +1474,16 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         else "k_elem(k_base, d, r)"
     if norms & 2 or rotate_k:       # keys computed element by element
         score = ["        var rk = 1.0;"]
-        if norms & 2:
-            score.append("        " + _head_rms("rk", "k_ss", "load_k(k_base + d)", "        "))
-        score.append(each_quad("{ let d = 4u * @c; dot4 = fma(q[@c], vec4<f32>(k_value(k_base, d, rk, j), "
+        if norms & 2:       # quads written out: a loop over the head would count D trips a key
+            score += ["        var k_ss = 0.0;", each_quad(
+                "{ let d = 4u * @c; let x = vec4<f32>(load_k(k_base + d), load_k(k_base + d + 1u), "
+                "load_k(k_base + d + 2u), load_k(k_base + d + 3u)); k_ss = k_ss + dot(x, x); }"),
+                f"        rk = {HEAD_RMS.format('k_ss', 'EPS')};"]
+        score.append(each_quad("{ let d = 4u * @c; dot4 = fma(query[@c], vec4<f32>(k_value(k_base, d, rk, j), "
                                "k_value(k_base, d + 1u, rk, j), k_value(k_base, d + 2u, rk, j), "
                                "k_value(k_base, d + 3u, rk, j)), dot4); }"))
     else:
-        score = [each_quad("dot4 = fma(q[@c], k4(k_base / 4u + @c), dot4);")]
+        score = [each_quad("dot4 = fma(query[@c], k4(k_base / 4u + @c), dot4);")]
     v_rms = ""
     if norms & 4:
         v_rms = ("var v_ss = 0.0;\n" + each_quad("{ let x = v4(v_base / 4u + @c); v_ss = v_ss + dot(x, x); }")
@@ -1487,12 +1501,12 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     if fold:
         per_lane["end_key"] = "min(hi, qi)"      # the step's own key is `fresh`
     parts = [*subs["parts"], *quads, *fresh_parts]
-    common = {**subs, **per_lane, "prelude": helpers(*parts), "fresh": fresh,
+    common = {**subs, **per_lane, **_key_trips(keys), "prelude": helpers(*parts), "fresh": fresh,
               "main": _lanes_main(wg),
               "heads": nh, "quads": d // 4,
               "q_rms": q_rms, "q_elem": q_elem, "q_value": q_value, "k_elem": k_elem, "k_value": k_value,
               "score": "\n".join(score), "v_rms": v_rms, "load_q": each_quad(
-                  "q[@c] = vec4<f32>(q_value(q_base, 4u * @c, rq, i), q_value(q_base, 4u * @c + 1u, rq, i), "
+                  "query[@c] = vec4<f32>(q_value(q_base, 4u * @c, rq, i), q_value(q_base, 4u * @c + 1u, rq, i), "
                   "q_value(q_base, 4u * @c + 2u, rq, i), q_value(q_base, 4u * @c + 3u, rq, i));", "    ")}
 
     def stores(out: str, at: str, scale: str) -> str:
@@ -1514,8 +1528,8 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
                  + each_quad("acc[@c] = subgroupAdd(acc[@c] * weight);", "    ") + "\n"
                  "    if (z == 0u) {\n" + stores("out", "(i * HEADS + h) * D", " / l_all") + "\n    }")
         shared = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [_out(node_id)], lanes(nh * sub),
-                         splits=sub, wg=wg, epilogue=merge, **{**common, "key_bounds": _key_bounds(
-                             a["window"], "z", sub)})
+                         splits=sub, wg=wg, epilogue=merge, **{**common, **_key_trips(-(-keys // sub)),
+                                                               "key_bounds": _key_bounds(a["window"], "z", sub)})
         return replace(shared, tokens=(1, SPLIT_TOKENS))
 
     if decode_only or (fold and splits >= 2):
@@ -1533,12 +1547,13 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         broadcast = lambda name, c: f"subgroupBroadcast({name}t{c // sub}, {c % sub}u)"
         longer = _kernel(ctx, label, "attention_lanes", bindings + [_out(node_id)],
                          lambda s: grid_1d(-(-s // sub) * sub * nh, wg), splits=1, wg=wg, **{
-                             **common, "subgroup_args": ", sg_lane: u32", "main": _lanes_main(wg, sg_lane=True),
+                             **common, **_key_trips(keys, sg_lane=True), "subgroup_args": ", sg_lane: u32",
+                             "main": _lanes_main(wg, sg_lane=True),
                              "lanes": f"    let h = (lane / {sub}u) % HEADS;     // query head\n"
                                       f"    let row = lane / (HEADS * {sub}u) * {sub}u + lane % {sub}u;\n"
                                       "    let i = min(row, S - 1u);            // query row (past S, row S - 1 again)",
                              "first_key": "subgroupMin(lo)", "end_key": "subgroupMax(hi)", "seen": "j >= lo && j < hi",
-                             "score": "\n".join(fetch("k") + [f"        dot4 = fma(q[{c}], {broadcast('k', c)}, dot4);"
+                             "score": "\n".join(fetch("k") + [f"        dot4 = fma(query[{c}], {broadcast('k', c)}, dot4);"
                                                             for c in range(d // 4)]),
                              "accumulate": "\n".join(fetch("v") + [
                                  f"        acc[{c}] = fma({broadcast('v', c)}, vec4<f32>(p), acc[{c}] * correction);"
@@ -1558,9 +1573,30 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     split_bounds = _key_bounds(a["window"], "z", splits, LANE_KEYS)
     partials = _kernel(ctx, f"{label}_split", "attention_lanes", bindings + [Binding("part", scratch, "f32", write=True)],
                        lanes(nh * splits), splits=splits, wg=wg, epilogue=epilogue,
-                       **{**common, "key_bounds": split_bounds})
+                       **{**common, **_key_trips(-(-keys // splits)), "key_bounds": split_bounds})
     return [replace(longer, tokens=(SPLIT_TOKENS + 1, math.inf)), replace(partials, tokens=(1, SPLIT_TOKENS)),
             _combine_splits(ctx, node_id, label, scratch, nh, d, splits)]
+
+
+# A step's own keys (attention with no cache or window) that attention_lanes.wgsl walks within lavapipe's
+# loop limit (`_key_trips`), in LOOP_TRIPS: 8 covers the longest context of the families (262144).
+OWN_KEY_TRIPS = 8
+
+
+def _key_trips(keys: int, sg_lane: bool = False) -> dict:
+    """attention_lanes.wgsl's key loop for lanes that walk up to `keys` keys: KEYS_PER_TRIP visits a trip,
+    so that the loop trips at most LOOP_TRIPS times (lavapipe's loop limiter). `sg_lane`: visit takes it."""
+    per = max(1, -(-keys // LOOP_TRIPS))
+    args = ", g, lo, hi" + ", sg_lane" * sg_lane
+    visits = [f"        visit(j{args});"] + [f"        if (j + {u}u < keys_to) {{ visit(j + {u}u{args}); }}"
+                                              for u in range(1, per)]
+    return {"keys_per_trip": per, "visits": "\n".join(visits)}
+
+
+def _within(kernels: list[Kernel], lo: int, hi: float = math.inf) -> list[Kernel]:
+    """The kernels restricted to steps of lo .. hi tokens (those left with none dropped)."""
+    out = [replace(k, tokens=(max(lo, k.tokens[0]), min(hi, k.tokens[1]))) for k in kernels]
+    return [k for k in out if k.tokens[0] <= k.tokens[1]]
 
 
 def _lanes_main(wg: int, sg_lane: bool = False) -> str:
@@ -1613,7 +1649,7 @@ def _fresh_kv(ctx, fold: tuple[int, int], bindings: list[Binding], a: dict, subs
         "    // writes; the lane of the share that holds the key attends to them, and for a kv head's first",
         "    // query head stores them.",
         "    if (lo <= qi && qi < hi) {", *lines,
-        "        var dot4 = vec4<f32>(0.0);", each_quad("dot4 = fma(q[@c], kf[@c], dot4);"),
+        "        var dot4 = vec4<f32>(0.0);", each_quad("dot4 = fma(query[@c], kf[@c], dot4);"),
         f"        var s = (dot4.x + dot4.y + dot4.z + dot4.w) * {subs['scale']};", f"        {subs['softcap']}",
         "        let m_new = max(m_run, s);\n        let correction = exp(m_run - m_new);",
         "        let p = exp(s - m_new);\n        l_run = l_run * correction + p;\n        m_run = m_new;",

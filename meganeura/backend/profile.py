@@ -78,7 +78,7 @@ class Profiler:
         copy of the timestamps to a mappable buffer; `collect` reads them after the submit."""
         encoding = runner.encoding(tokens)
         node_of = {id(k): i for i, ks in runner.kernels.items() for k in ks}
-        step_kernels = [k for _, _, k in runner.dispatches if k.runs_for(tokens)]      # encoding's order
+        step_kernels = [k for k, _ in runner.dispatches if k.runs_for(tokens)]      # encoding's order
         self._buffers(2 * len(encoding))
         for n, d in enumerate(encoding):
             for j in d.mirrors:

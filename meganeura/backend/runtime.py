@@ -325,28 +325,34 @@ class WgpuRunner:
         self.kernels = {i: lower(ctx, i) for i in range(len(self.graph))}
         self.arena = None
 
-    def _pipeline(self, kernel: Kernel):
-        cache = self.dev.pipelines
+    def _layout(self, kernel: Kernel):
+        """The bind group layout of a kernel's bindings (the step uniform, then each binding)."""
+        wgpu = self.wgpu
+        entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
+        for slot, b in enumerate(kernel.bindings, start=1):
+            if b.texture:
+                entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE,
+                                "storage_texture": {"access": "read-write" if b.reads else
+                                                    "write-only" if b.write else "read-only",
+                                                    "format": "rgba32uint", "view_dimension": "2d"}})
+                continue
+            kind = "storage" if b.write else "read-only-storage"
+            entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}})
+        key = repr(entries)
+        if key not in self.dev.layouts:
+            self.dev.layouts[key] = self.gpu.create_bind_group_layout(entries=entries)
+        return self.dev.layouts[key]
+
+    def pipeline(self, kernel: Kernel):
+        """The kernel's compute pipeline, compiled the first time a step needs it: variants for step sizes
+        that never run (the longest steps) cost no compile."""
         key = (kernel.source, kernel.entry)
-        if key not in cache:
-            wgpu = self.wgpu
-            entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
-            for slot, b in enumerate(kernel.bindings, start=1):
-                if b.texture:
-                    entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE,
-                                    "storage_texture": {"access": "read-write" if b.reads else
-                                                        "write-only" if b.write else "read-only",
-                                                        "format": "rgba32uint", "view_dimension": "2d"}})
-                    continue
-                kind = "storage" if b.write else "read-only-storage"
-                entries.append({"binding": slot, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}})
-            layout = self.gpu.create_bind_group_layout(entries=entries)
+        if key not in self.dev.pipelines:
             module = self.gpu.create_shader_module(code=kernel.source)
-            pipe = self.gpu.create_compute_pipeline(
-                layout=self.gpu.create_pipeline_layout(bind_group_layouts=[layout]),
+            self.dev.pipelines[key] = self.gpu.create_compute_pipeline(
+                layout=self.gpu.create_pipeline_layout(bind_group_layouts=[self._layout(kernel)]),
                 compute={"module": module, "entry_point": kernel.entry})
-            cache[key] = (pipe, layout)
-        return cache[key]
+        return self.dev.pipelines[key]
 
     def _prepare(self, capacity: int):
         """Arena buffers, RoPE tables, bind groups and output staging for up to `capacity` tokens."""
@@ -369,7 +375,7 @@ class WgpuRunner:
         self.dispatches = []
         for i, kernels in self.kernels.items():
             for k in kernels:
-                pipe, layout = self._pipeline(k)
+                layout = self._layout(k)
                 entries = [{"binding": 0, "resource": {"buffer": self.step, "offset": 0, "size": 16}}]
                 for slot, b in enumerate(k.bindings, start=1):
                     if b.texture:
@@ -380,7 +386,7 @@ class WgpuRunner:
                     buf = self._buffer(b.ref, i)
                     entries.append({"binding": slot, "resource": {"buffer": buf, "offset": 0, "size": buf.size}})
                 group = self.gpu.create_bind_group(layout=layout, entries=entries)
-                self.dispatches.append((pipe, group, k))
+                self.dispatches.append((k, group))
         self._encodings: dict[int, list] = {}
         # Outputs are read back through two sets of staging buffers (output -> buffer, grown as steps need)
         # used by turns, so one submit's outputs stay readable while the next one is queued.
@@ -434,7 +440,7 @@ class WgpuRunner:
         (a GEMV for one token, a GEMM for many). Built once per size."""
         if tokens not in self._encodings:
             steps, mirrored = [], set()
-            for pipe, group, k in self.dispatches:
+            for k, group in self.dispatches:
                 if not k.runs_for(tokens):
                     continue
                 mirrors = []
@@ -442,7 +448,7 @@ class WgpuRunner:
                     if j is not None and j not in mirrored and j not in self.written:
                         mirrored.add(j)
                         mirrors.append(j)
-                steps.append(Dispatch(pipe, group, k.grid(tokens), tuple(mirrors)))
+                steps.append(Dispatch(self.pipeline(k), group, k.grid(tokens), tuple(mirrors)))
             self._encodings[tokens] = steps
         return self._encodings[tokens]
 
