@@ -203,6 +203,7 @@ def _bench(path: str, prompt_len: int, new_tokens: int, backend: str, quantize: 
         "model": m.config.model_type, "layers": m.config.num_hidden_layers, "hidden": m.config.hidden_size,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "backend": backend, "quantize": quantize,
         "device": runner.dev.name if runner else "numpy",
+        "device_backend": runner.dev.backend if runner else None,
         "load_s": _sig(m.times["load_s"]), "compile_s": _sig(m.times["compile_s"]),
         "optimize_s": _sig(decoder.optimize_s),
         "ttft_s": _sig(run["ttft_s"]),
@@ -238,7 +239,8 @@ def summary(r: dict) -> list[str]:
 
     rows = [
         ("model", f"{r['model']}, {r['layers']} layers, hidden {r['hidden']}",
-         f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens on {r['device']}"),
+         f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens on {r['device']}"
+         + (f" ({r['device_backend']})" if r.get("device_backend") else "")),
         ("prefill", num(r["prefill_tokens_per_s"], ".1f", " tok/s"),
          f"{pct(r['prefill_efficiency'])} of {num(r['device_gflops'])} GFLOP/s, opt {r['opt_speedup_prefill']}x, "
          f"torch {num(r['torch_prefill_tokens_per_s'], '.1f', ' tok/s')}, first token {r['ttft_s']} s"),

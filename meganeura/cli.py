@@ -50,12 +50,22 @@ def cmd_bench(args) -> int:
 
     from .bench import bench, summary
 
+    _backend_note(args.backend)
     result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, backend=args.backend,
                    quantize=args.quantize)
     if not args.json:
         print("\n".join(summary(result)))
     print(json.dumps(result))
     return 0
+
+
+def _backend_note(backend: str) -> None:
+    """One line on stderr where the device runs through OpenGL (see device.backend_note)."""
+    if backend == "wgpu":
+        from .backend.device import backend_note, open_device
+        note = backend_note(open_device())
+        if note:
+            print(f"meganeura: {note}", file=sys.stderr)
 
 
 def _progress(msg: str = "") -> None:
@@ -122,6 +132,7 @@ def cmd_run(args) -> int:
             raise ValueError(plan.reason())
         if args.dry_run:
             return 0
+    _backend_note(args.backend)
     _progress(f"loading {model_name}")
     model = Model(resolve(model_name), backend=args.backend, optimize=not args.no_optimize, context=args.context,
                   keep_egraphs=args.dump_egraph is not None, quantize=args.quantize)

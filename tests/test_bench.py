@@ -139,6 +139,11 @@ def test_bench_reports_every_field(tmp_path):
         else:
             assert out[key] is None
     assert out["device"] and out["host_encode_fraction"] < 1
+    from meganeura.backend.device import backend_note, open_device
+    dev = open_device()
+    assert out["device"] == dev.name and out["device_backend"] == dev.backend
+    # an OpenGL device (llvmpipe without the Vulkan driver) runs, slower: the command says so on stderr
+    assert ("through OpenGL" in r.stderr) == (dev.backend == "OpenGL") == (backend_note(dev) is not None)
     # The efficiencies are what their definitions make of the other fields.
     assert out["decode_efficiency"] == pytest.approx(
         out["bytes_per_decode_step"] * out["decode_tokens_per_s"] / (out["device_read_gbps"] * 1e9), rel=1e-3)

@@ -1,5 +1,6 @@
 """The command line: summaries on stdout, bad input -> exit 2 with one line on stderr."""
 import json
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 def test_devices_lists_an_adapter():
     r = meganeura("devices")
     assert r.returncode == 0 and "backend=" in r.stdout and "max-storage-buffer-binding-size" in r.stdout
+
+
+def test_opengl_adapters_come_last_of_their_type_and_a_run_on_one_says_so():
+    """llvmpipe is offered through both Vulkan (lavapipe) and OpenGL; the OpenGL one has no subgroups. It is
+    chosen only when nothing else of its type is there, and a run on it says so in one line on stderr."""
+    from meganeura.backend.device import list_adapters
+
+    adapters = list_adapters()
+    for a, b in zip(adapters, adapters[1:]):
+        assert not (a["type"] == b["type"] and a["backend"] == "OpenGL" and b["backend"] != "OpenGL"), adapters
+    for a in adapters:
+        if a["type"] == "CPU":      # a run of the built-in model on it, told apart by MEGANEURA_DEVICE
+            r = subprocess.run([sys.executable, "-m", "meganeura.cli", "run", "--prompt", "a", "--max-new-tokens",
+                                "2"], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "MEGANEURA_DEVICE": str(a["index"])})
+            assert r.returncode == 0, r.stderr
+            assert ("through OpenGL" in r.stderr) == (a["backend"] == "OpenGL"), (a, r.stderr)

@@ -107,7 +107,9 @@ def _adapters():
     except Exception as e:      # wgpu raises its own error types when no Vulkan/Metal/DX12 driver loads
         raise DeviceError(f"no GPU adapter could be enumerated ({e}); on Linux without a GPU install "
                           f"mesa-vulkan-drivers for lavapipe") from None
-    ranked = sorted(adapters, key=lambda a: PREFERENCE.get(a.info.get("adapter_type", ""), 9))
+    # Of adapters of one type, OpenGL last: it has no subgroups (lavapipe's Vulkan does; llvmpipe's GL not).
+    ranked = sorted(adapters, key=lambda a: (PREFERENCE.get(a.info.get("adapter_type", ""), 9),
+                                             a.info.get("backend_type") == "OpenGL"))
     if not ranked:
         raise DeviceError("no GPU adapter found; on Linux without a GPU install mesa-vulkan-drivers (lavapipe)")
     return ranked
@@ -122,6 +124,15 @@ def list_adapters() -> list[dict]:
                     "features": sorted(f for f in OPTIONAL_FEATURES if f in a.features),
                     "limits": {k: a.limits[k] for k in LIMITS if k in a.limits}})
     return out
+
+
+def backend_note(dev: Device) -> str | None:
+    """A line for people where the device's wgpu backend is OpenGL: it runs, but slower (no subgroups), and
+    usually means the Vulkan driver is missing."""
+    if dev.backend != "OpenGL":
+        return None
+    return (f"note: wgpu runs {dev.name} through OpenGL, without subgroups and slower; for Vulkan (lavapipe "
+            f"on a machine without a GPU) install mesa-vulkan-drivers")
 
 
 _OPEN: dict = {}
