@@ -959,8 +959,7 @@ def _with_streamed(ctx, tiled: list[Kernel], node_id, label, x: Node, windows, w
         if not variants:
             return tiled
     largest = max(hi for (_, hi), _, _ in variants)
-    kernels = [replace(t, tokens=(max(largest + 1, t.tokens[0]), t.tokens[1])) for t in tiled
-               if t.tokens[1] > largest] if largest < math.inf and fixed is None else []
+    kernels = _within(tiled, largest + 1) if largest < math.inf and fixed is None else []
     parts = [*(act_fn(act) if act else ()), TANH if softcap is not None else ""]
     x_id, row0 = shared[0].ref.key, ""
     attention = None
@@ -1459,6 +1458,10 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
     # flight at once (a loop waits on each load in turn) and keeps q and acc in registers.
     each_quad = lambda line, indent="        ": "\n".join(indent + line.replace("@c", f"{c}u")
                                                      for c in range(d // 4))
+    # A key's or value's head's sum of squares, `k_ss` or `v_ss`, over its quads written out: a loop over the
+    # head would cost D of the lane's loop trips a key (see LOOP_TRIPS).
+    head_squares = lambda name: f"var {name}_ss = 0.0;\n" + each_quad(
+        f"{{ let x = {name}4({name}_base / 4u + @c); {name}_ss = {name}_ss + dot(x, x); }}")
     fresh, fresh_parts = "", []
     if fold:
         bindings, fresh_parts, fresh = _fresh_kv(ctx, fold, bindings, a, subs, each_quad)
@@ -1474,11 +1477,8 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         else "k_elem(k_base, d, r)"
     if norms & 2 or rotate_k:       # keys computed element by element
         score = ["        var rk = 1.0;"]
-        if norms & 2:       # quads written out: a loop over the head would count D trips a key
-            score += ["        var k_ss = 0.0;", each_quad(
-                "{ let d = 4u * @c; let x = vec4<f32>(load_k(k_base + d), load_k(k_base + d + 1u), "
-                "load_k(k_base + d + 2u), load_k(k_base + d + 3u)); k_ss = k_ss + dot(x, x); }"),
-                f"        rk = {HEAD_RMS.format('k_ss', 'EPS')};"]
+        if norms & 2:
+            score.append("        " + head_squares("k") + f"\n        rk = {HEAD_RMS.format('k_ss', 'EPS')};")
         score.append(each_quad("{ let d = 4u * @c; dot4 = fma(query[@c], vec4<f32>(k_value(k_base, d, rk, j), "
                                "k_value(k_base, d + 1u, rk, j), k_value(k_base, d + 2u, rk, j), "
                                "k_value(k_base, d + 3u, rk, j)), dot4); }"))
@@ -1486,8 +1486,7 @@ def _attend_lanes(ctx, node_id, label, bindings, a: dict, splits: int, subs: dic
         score = [each_quad("dot4 = fma(query[@c], k4(k_base / 4u + @c), dot4);")]
     v_rms = ""
     if norms & 4:
-        v_rms = ("var v_ss = 0.0;\n" + each_quad("{ let x = v4(v_base / 4u + @c); v_ss = v_ss + dot(x, x); }")
-                 + f"\n        p = p * {HEAD_RMS.format('v_ss', 'EPS')};")
+        v_rms = head_squares("v") + f"\n        p = p * {HEAD_RMS.format('v_ss', 'EPS')};"
     quads = []
     for name, b in (("k", bindings[1]), ("v", bindings[2])):
         body = f"bitcast<vec4<f32>>(texel_{name}(t))" if b.texture else _load4(b, "4u * t")
